@@ -1,1 +1,2 @@
-"""processors."""
+"""Processors LAVIS lacks: image processors that take any PIL image (and, for video, decord readers)."""
+from evlgen_lavis.processors.image import EVLGenImageEvalProcessor, EVLGenImageTrainProcessor  # noqa: F401
