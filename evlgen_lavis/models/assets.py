@@ -93,13 +93,15 @@ def smollm2_dir() -> str:
     return _atomic_dir(os.path.join(CACHE_ROOT, "smollm2-135m-instruct-hf"), fill)
 
 
-def build_tiny_opt(vocab_size: int, pad_id: int, seed: int = 0, hidden: int = 32, layers: int = 2):
+def build_tiny_opt(vocab_size: int, pad_id: int, seed: int = 0, hidden: int = 64, layers: int = 2,
+                   init_std: float = 0.3):
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden,
         num_attention_heads=2, word_embed_proj_dim=hidden, max_position_embeddings=256,
         pad_token_id=pad_id, bos_token_id=pad_id, eos_token_id=pad_id, dropout=0.0,
+        init_std=init_std,  # large enough that a soft prompt can move the logits (0.02 gives ~uniform)
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
