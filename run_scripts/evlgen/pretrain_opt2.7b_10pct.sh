@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# EVLGen pretraining with OPT-2.7B on about 1/10 of the data (CCS-14M + COCO).
+#
+#   run_scripts/evlgen/pretrain_opt2.7b_10pct.sh [--options key=value ...]
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 run_scripts/evlgen/pretrain_opt2.7b_10pct.sh
+#     (on every node, with that node's NODE_RANK)
+#
+# Config: projects/evlgen/pretrain_opt_10pct.yaml.
+# Environment: NPROC, default 8; NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT; PYTHON
+# (see run_scripts/evlgen/_launch.sh).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source run_scripts/evlgen/_launch.sh
+evlgen_launch train.py projects/evlgen/pretrain_opt_10pct.yaml "$@"
