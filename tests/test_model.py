@@ -108,6 +108,20 @@ def test_forward_gives_finite_lm_loss_and_caption_only_labels(tiny):
     assert model.llm_tokenizer.decode(supervised) == "a cat\n"  # caption + end_sym
 
 
+def test_lm_loss_equals_the_hf_models_own_loss(tiny):
+    """Our loss projects only the supervised positions onto the vocabulary; it must equal HF's full loss."""
+    model, _, _ = tiny
+    soft, _, _ = model.soft_prompts({"image": _images(3)})
+    ids, mask, labels = model._caption_targets(CAPTIONS[:3])
+    inputs = torch.cat([soft, model._embed(ids)], dim=1)
+    attention = torch.cat([torch.ones(3, soft.shape[1], dtype=torch.long), mask], dim=1)
+    labels = torch.cat([torch.full((3, soft.shape[1]), -100), labels], dim=1)
+    with torch.no_grad():
+        ours = model._lm_loss(inputs, attention, labels)
+        theirs = model.llm_model(inputs_embeds=inputs, attention_mask=attention, labels=labels).loss
+    torch.testing.assert_close(ours, theirs)
+
+
 def test_prompt_tokens_are_masked():
     model = _fresh_tiny()
     model.prompt = "a photo of"

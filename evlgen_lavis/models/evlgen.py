@@ -246,14 +246,25 @@ class EVLGen(BaseModel):
         attention = torch.cat([torch.ones(B, M, dtype=torch.long), mask], dim=1).to(self.device)
         labels = torch.cat([torch.full((B, M), IGNORE, dtype=torch.long), labels], dim=1).to(self.device)
         with self.maybe_autocast():
-            out = self.llm_model(inputs_embeds=inputs, attention_mask=attention, labels=labels, return_dict=True)
-        result = {"loss_lm": out.loss}
-        loss = out.loss
+            loss = self._lm_loss(inputs, attention, labels)
+        result = {"loss_lm": loss}
         if self.beta > 0:
             result["loss_itc"] = self._contrastive_loss(tokens, sizes, captions)
             loss = loss + self.beta * result["loss_itc"]
         result["loss"] = loss
         return result
+
+    def _lm_loss(self, inputs: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the supervised positions. Equal to the HF model's own loss,
+        but the vocabulary projection runs only where a label exists (the caption tokens), not over the
+        soft tokens, prompt and padding: most of the sequence, and a (B, L, V) logits tensor saved."""
+        hidden = self.llm_model.get_decoder()(
+            inputs_embeds=inputs, attention_mask=attention, return_dict=True
+        ).last_hidden_state  # (B, L, D), after the final norm
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        keep = targets != IGNORE  # (B, L - 1)
+        logits = self.llm_model.get_output_embeddings()(hidden[:, :-1][keep])  # (K, V)
+        return F.cross_entropy(logits.float(), targets[keep])
 
     def _contrastive_loss(self, tokens: torch.Tensor, sizes: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
         """Symmetric InfoNCE between pooled soft tokens and a frozen sentence encoder's text features,
