@@ -278,6 +278,17 @@ def test_easy_vqa_caption_builder(easy_vqa_dir):
     assert (len(test_as_val["train"]), len(test_as_val["val"])) == (3542, 880)
 
 
+def test_max_samples_keeps_the_first_records(caption_data, easy_vqa_dir):
+    annotations = dict(caption_data["annotations"])
+    annotations["val"] = {**annotations["val"], "max_samples": 1}
+    ds = build("local_caption", {"annotations": annotations, "images": caption_data["images"]})
+    assert len(ds["val"]) == 1 and [a["image_id"] for a in ds["val"].annotation] == ["blue.png"]
+    assert len(ds["train"]) == 4  # other splits untouched
+    build_info = {"cache_dir": easy_vqa_dir, "val_size": 200, "splits": ["test"], "max_samples": {"test": 50}}
+    test = build("easy_vqa_vqa", build_info, text="blip_question")["test"]
+    assert len(test) == len(test.annotation) == 50
+
+
 def test_easy_vqa_vqa_builder(easy_vqa_dir):
     build_info = {"cache_dir": easy_vqa_dir, "val_from": "train", "val_size": 200}
     ds = build("easy_vqa_vqa", build_info, text="blip_question")

@@ -28,3 +28,4 @@ from evlgen_lavis.datasets.skipping import (  # noqa: F401
 )
 from evlgen_lavis.datasets.vqa import LocalVQADataset, LocalVQAEvalDataset  # noqa: F401
 from evlgen_lavis.datasets.paper import CCS14MBuilder, Laion115MBuilder, WebImageTextDataset  # noqa: F401
+from evlgen_lavis.datasets.video import LocalVideoCaptionDataset, LocalVideoCaptionEvalDataset  # noqa: F401,E402

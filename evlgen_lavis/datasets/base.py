@@ -72,6 +72,15 @@ class LocalImageDataset(BaseDataset):
         self.annotation = self.prepare_annotation(load_annotations(self.ann_paths, self.required_keys))
         self._add_instance_ids()
 
+    def limit(self, max_samples):
+        """Keep only the first ``max_samples`` records (``build_info.annotations.<split>.max_samples``):
+        for quick evaluations on a fixed subset. The evaluation tasks read ``annotation``, so the ground
+        truth shrinks with it."""
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        self.annotation = self.annotation[: int(max_samples)]
+        return self
+
     def prepare_annotation(self, annotation):
         """Hook to normalise/regroup the loaded annotation; returns the list stored as ``annotation``."""
         return annotation

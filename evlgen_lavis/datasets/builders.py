@@ -9,7 +9,7 @@ They read the same config layout as LAVIS's builders::
           annotations:
             train: {storage: path/to/train.json}      # storage may also be a list of files
             val:   {storage: path/to/val.json}
-            test:  {storage: path/to/test.json}
+            test:  {storage: path/to/test.json, max_samples: 1000}   # optional: the first N records
           images: {storage: path/to/images/}
 
 but never download anything: LAVIS's base builder fetches ``url`` entries and copies files on rank 0;
@@ -83,6 +83,7 @@ class LocalBuilderBase(BaseDatasetBuilder):
     """
 
     builder_name = None
+    supported_data_types = ("images",)  # video builders: ("videos",); build_info.<data_type>.storage is the media dir
 
     def _key(self, *parts):
         return ".".join(("datasets", self.builder_name or type(self).__name__) + parts)
@@ -100,8 +101,9 @@ class LocalBuilderBase(BaseDatasetBuilder):
         """Never download (LAVIS's base builder would fetch ``url`` entries here)."""
 
     def build(self):
-        if self.data_type != "images":
-            raise ValueError(f"{self._key('data_type')} must be 'images', got {self.data_type!r}")
+        if self.data_type not in self.supported_data_types:
+            expected = " or ".join(repr(t) for t in self.supported_data_types)
+            raise ValueError(f"{self._key('data_type')} must be {expected}, got {self.data_type!r}")
         self.build_processors()
         if self.config.get("vis_processor") is None:
             logger.warning(
@@ -134,6 +136,9 @@ class LocalBuilderBase(BaseDatasetBuilder):
                 vis_root=vis_root,
                 ann_paths=ann_paths,
             )
+            max_samples = (ann_info[split] or {}).get("max_samples")
+            if max_samples:
+                datasets[split].limit(int(max_samples))
         return datasets
 
     def _annotation_paths(self, ann_info, split):

@@ -174,7 +174,8 @@ class _EasyVQABuilder(LocalBuilderBase):
     """Fills ``build_info.annotations`` and ``build_info.images`` from :func:`prepare_easy_vqa`.
 
     Config keys under ``build_info``: ``val_from`` ("train"/"test"), ``val_size``, ``val_seed``,
-    ``cache_dir`` (null = CACHE_ROOT/easy_vqa), ``splits`` (which of train/val/test to build).
+    ``cache_dir`` (null = CACHE_ROOT/easy_vqa), ``splits`` (which of train/val/test to build),
+    ``max_samples`` ({split: N}: keep the first N records of a split).
     """
 
     variant = None  # file prefix: "caption" or "vqa"
@@ -196,7 +197,9 @@ class _EasyVQABuilder(LocalBuilderBase):
         unknown = [s for s in splits if s not in ("train", "val", "test")]
         if unknown:
             raise ValueError(f"{self._key('build_info', 'splits')} may hold train/val/test, got {unknown}")
-        annotations = {s: {"storage": os.path.join(directory, f"{self.variant}_{s}.json")} for s in splits}
+        limits = info.get("max_samples") or {}  # {split: N}: evaluate on the first N records only
+        annotations = {s: {"storage": os.path.join(directory, f"{self.variant}_{s}.json"),
+                           "max_samples": limits.get(s)} for s in splits}
         OmegaConf.update(self.config, "build_info.annotations", annotations, merge=False)
         OmegaConf.update(self.config, "build_info.images", {"storage": images_root()}, merge=False)
 
