@@ -31,7 +31,7 @@ from evlgen_lavis.runners.settings import RunSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = os.path.join(REPO, "projects", "evlgen")
-EXCLUDED_DIRS = ("tiny", "demo")
+EXCLUDED_DIRS = ("tiny", "demo", "video")  # video/: tests/test_video.py
 PRETRAIN = {
     "pretrain_opt.yaml": ("evlgen_opt", "pretrain_opt2.7b", "facebook/opt-2.7b"),
     "pretrain_opt6.7b.yaml": ("evlgen_opt", "pretrain_opt6.7b", "facebook/opt-6.7b"),

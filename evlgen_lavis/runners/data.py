@@ -12,12 +12,19 @@ What makes a resumed run see exactly the batches an uninterrupted one would:
   them on resume; it creates each epoch's DataLoader with its own seeded generator, so the global RNG
   is not drawn from when an epoch starts. No 2 s sleep at the epoch switch (LAVIS's IterLoader).
 
+Iterable (webdataset) train datasets go through :class:`IterableStream` instead: no sampler (the
+dataset splits its shards over ranks and workers itself), a fresh pass when one ends, the same skip
+counting, and only an *approximate* resume (see its docstring). Several train datasets mixed by
+``run.train_dataset_ratios``: :mod:`evlgen_lavis.runners.mix`.
+
 No ``PrefetchLoader`` (it creates a ``torch.cuda.Stream``): batches are moved with :func:`move_to_device`.
 """
 import logging
+import random
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from evlgen_lavis.datasets.skipping import SkipCounter, TooManySkippedError, batch_size_of
 from evlgen_lavis.runners.rng import seeded_rng
@@ -101,15 +108,17 @@ class TrainStream:
     """
 
     def __init__(self, dataset, batch_size, collate_fn, num_workers=0, num_replicas=1, rank=0, seed=0,
-                 pin_memory=False, shuffle=True):
+                 pin_memory=False, shuffle=True, name=None):
+        self.name = name
         self.dataset = SeededSampleDataset(dataset, seed)
         self.batch_size, self.collate_fn = int(batch_size), collate_fn
         self.num_workers, self.pin_memory, self.seed = int(num_workers), pin_memory, int(seed)
         self.sampler = ResumableSampler(len(dataset), num_replicas, rank, shuffle=shuffle, seed=seed)
         self.batches_per_epoch = self.sampler.per_rank // self.batch_size
         if self.batches_per_epoch == 0:
+            what = "the training set" if name is None else f"train dataset {name!r}"
             raise ValueError(
-                f"the training set has {len(dataset)} samples, fewer than one batch per rank "
+                f"{what} has {len(dataset)} samples, fewer than one batch per rank "
                 f"(run.batch_size_train={batch_size} x {num_replicas} rank(s)): lower run.batch_size_train"
             )
         self.epoch, self.batches = 0, 0
@@ -141,9 +150,10 @@ class TrainStream:
         self.batches += 1
         return batch
 
-    def next_nonempty(self, counter: SkipCounter):
+    def next_nonempty(self, counter: SkipCounter, iteration=None):
         """The next batch that has samples; every batch fetched is added to ``counter``. Raises
-        :class:`TooManySkippedError` when a whole epoch's worth of consecutive batches was empty."""
+        :class:`TooManySkippedError` when a whole epoch's worth of consecutive batches was empty.
+        (``iteration`` is unused here; mixed streams choose their dataset with it.)"""
         for _ in range(self.batches_per_epoch + 1):
             batch = next(self)
             count_batch(counter, batch)
@@ -158,8 +168,145 @@ class TrainStream:
         return {"epoch": self.epoch, "batches": self.batches}
 
     def load_state_dict(self, state):
-        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
         self._iterator = None
+        if "mix" in state or state.get("kind", "map") != "map":
+            logger.warning("the checkpoint's data position is of a different training-data setup (a dataset "
+                           "mix or an iterable dataset): %s starts from the beginning of its data",
+                           self.name or "the training set")
+            self.epoch, self.batches = 0, 0
+            return
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+
+
+def is_iterable_dataset(dataset):
+    """True for iterable-style datasets (webdataset ``DataPipeline``, ``ChainDataset``, any torch
+    ``IterableDataset``, or anything without ``__getitem__``/``__len__``)."""
+    return isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"))
+
+
+class IterableStream:
+    """An endless stream of training batches from an iterable (webdataset) dataset.
+
+    ``DataLoader(dataset, batch_size, num_workers, collate_fn=dataset.collater)`` without a sampler: the
+    dataset splits its shards over ranks and DataLoader workers as its builder configured them (see
+    :class:`evlgen_lavis.datasets.paper.WebImageTextDataset`: ``resample: true`` draws shards at random per
+    rank and worker, endlessly; ``resample: false`` is one pass with the shards split by node and worker).
+    When a pass ends, a new one starts (``epoch`` counts the passes). Batches are not dropped at the end
+    of a pass (LAVIS's web loaders do the same), so the last batch of a worker's share may be smaller.
+    Unreadable samples are counted through the batches' ``n_skipped`` as for map-style datasets.
+
+    Random numbers: with ``num_workers=0`` the pipeline (shuffle buffer, augmentation) runs in this process
+    under its own python/numpy/torch generator states, seeded by ``(seed, rank)``, so it neither draws from
+    nor depends on the training RNG (dropout); with workers, each pass's worker seeds come from a generator
+    seeded by ``(seed, rank, pass)``. Webdataset itself seeds shard resampling and its shuffle buffer from
+    the clock, so the sample order is not reproducible in any case.
+
+    Resume is approximate: ``state_dict()`` records the pass and the batches taken from it, but a shard
+    position cannot be replayed, so :meth:`load_state_dict` only restores the counters (and warns): the
+    resumed run starts a fresh pass (``resample: false``: from the first shards again) or fresh random
+    shard draws (``resample: true``, where this makes no statistical difference).
+    """
+
+    resume_is_exact = False
+    MAX_CONSECUTIVE_EMPTY = 1000  # batches that are all unreadable before giving up
+
+    def __init__(self, dataset, batch_size, collate_fn, num_workers=0, rank=0, seed=0, pin_memory=False,
+                 name=None):
+        self.dataset, self.name = dataset, name
+        self.batch_size, self.collate_fn = int(batch_size), collate_fn
+        self.num_workers, self.pin_memory = int(num_workers), pin_memory
+        self.seed, self.rank = int(seed), int(rank)
+        self.epoch, self.batches = 0, 0
+        self._iterator = None
+        self._rng = None  # this stream's generator states (num_workers=0)
+
+    def __iter__(self):
+        return self
+
+    def _label(self):
+        return "the iterable train dataset" if self.name is None else f"train dataset {self.name!r}"
+
+    def _start_pass(self):
+        generator = torch.Generator()
+        generator.manual_seed(sample_seed(self.seed, self.rank, self.epoch))
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=self.collate_fn, pin_memory=self.pin_memory, generator=generator)
+        self._iterator = iter(loader)
+
+    def _fetch(self):
+        if self.num_workers > 0:
+            return next(self._iterator)
+        outer = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        if self._rng is None:
+            with seeded_rng(sample_seed(self.seed, self.rank, 0x5EED)):
+                self._rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.setstate(self._rng[0])
+        np.random.set_state(self._rng[1])
+        torch.set_rng_state(self._rng[2])
+        try:
+            return next(self._iterator)
+        finally:
+            self._rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+            random.setstate(outer[0])
+            np.random.set_state(outer[1])
+            torch.set_rng_state(outer[2])
+
+    def __next__(self):
+        if self._iterator is None:
+            self._start_pass()
+        try:
+            batch = self._fetch()
+        except StopIteration:
+            if self.batches == 0:
+                raise self._no_batch_error() from None
+            self.epoch, self.batches = self.epoch + 1, 0
+            self._start_pass()
+            try:
+                batch = self._fetch()
+            except StopIteration:
+                raise self._no_batch_error() from None
+        self.batches += 1
+        return batch
+
+    def _no_batch_error(self):
+        skipped = getattr(self.dataset, "n_skipped", None)
+        detail = f" ({skipped} samples were skipped as unreadable in this process)" if skipped else ""
+        return TooManySkippedError(
+            f"{self._label()} yielded no batch in a whole pass on rank {self.rank}{detail}: every sample "
+            "was unreadable, or this rank/worker got no shard (with build_info.resample: false the shards "
+            "are split over ranks x run.num_workers; give more shards, fewer workers, or resample: true)"
+        )
+
+    def next_nonempty(self, counter: SkipCounter, iteration=None):
+        """The next batch that has samples; every batch fetched is added to ``counter``."""
+        for _ in range(self.MAX_CONSECUTIVE_EMPTY):
+            batch = next(self)
+            count_batch(counter, batch)
+            if not batch.get("empty", False):
+                return batch
+        raise TooManySkippedError(
+            f"{self.MAX_CONSECUTIVE_EMPTY} consecutive batches of {self._label()} had no readable sample: "
+            "check its shards (datasets.<name>.build_info.storage)"
+        )
+
+    def state_dict(self):
+        return {"kind": "iterable", "epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state, warn=True):
+        """Restore the counters only (see the class docstring); warns unless ``warn=False``."""
+        self.epoch, self.batches = int(state.get("epoch", 0)), int(state.get("batches", 0))
+        self._iterator = None
+        if warn:
+            warn_approximate_resume([self.name or "train"])
+
+
+def warn_approximate_resume(names):
+    """The one warning a resumed run gives for its iterable (webdataset) train datasets."""
+    logger.warning(
+        "Resuming with iterable (webdataset) train dataset(s) %s: their position in the shards cannot be "
+        "replayed, so they continue with fresh shard draws / a fresh pass; the resumed run does not repeat "
+        "the batches an uninterrupted run would have seen from them (map-style datasets resume exactly)",
+        sorted(names))
 
 
 def count_batch(counter, batch):

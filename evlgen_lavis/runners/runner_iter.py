@@ -10,8 +10,13 @@ validation, train stats and checkpoints per inner epoch; test at the end), plus 
   trainable parameters only, LR schedules stepped per iteration (:mod:`.optim`);
 * checkpoints with optimizer/scaler/scheduler/RNG/data-position state, written atomically, rotated
   (:mod:`.checkpoint`); ``run.resume_ckpt_path`` continues the exact loss trajectory on CPU;
+* several train datasets mixed per iteration by ``run.train_dataset_ratios`` (the same draw on every rank
+  and after a resume), and iterable (webdataset) train datasets, e.g. the paper's LAION/CCS shards
+  (:mod:`.mix`, :class:`~.data.IterableStream`; their resume is approximate); ``log.txt`` counts the
+  batches per dataset (``train_batches_<name>``);
 * NaN/inf losses stop the run (or skip the update); unreadable samples are counted over ranks and stop
-  the run above ``run.max_skip_fraction``; ``run.cache_vision_features`` (:mod:`.vision_cache`);
+  the run above ``run.max_skip_fraction``; ``run.cache_vision_features`` (:mod:`.vision_cache`; refused
+  for iterable train datasets);
 * ``metrics.csv`` and a tqdm bar next to LAVIS's ``log.txt`` (:mod:`.metrics_log`).
 
 Validation and testing (:mod:`.runner_eval`) go through the task's ``before_evaluation`` / ``evaluation``
@@ -35,9 +40,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from evlgen_lavis.common import registry_once
 from evlgen_lavis.datasets import SkipCounter, TooManySkippedError, concat_datasets
 from evlgen_lavis.datasets.skipping import batch_size_of
-from evlgen_lavis.runners.data import TrainStream, build_eval_loader, move_to_device
+from evlgen_lavis.runners.data import (
+    IterableStream,
+    TrainStream,
+    build_eval_loader,
+    is_iterable_dataset,
+    move_to_device,
+)
 from evlgen_lavis.runners.distributed import all_reduce_sum, is_distributed, resolve_device
 from evlgen_lavis.runners.metrics_log import MetricsCSV, Progress
+from evlgen_lavis.runners.mix import build_train_stream, resolve_ratios
 from evlgen_lavis.runners.optim import build_lr_scheduler, build_optimizer, trainable_parameters
 from evlgen_lavis.runners.rng import restore_rng_state
 from evlgen_lavis.runners.runner_ckpt import CheckpointMixin
@@ -158,51 +170,103 @@ class RunnerEvlgenIter(CheckpointMixin, EvaluationMixin, RunnerIter):
 
     @property
     def dataloaders(self):
-        """``{split: loader}``: a :class:`TrainStream` for the train split, DataLoaders for the others.
-        Built on first use, after the optional vision-feature caching."""
+        """``{split: loader}``: the training stream for the train split (:func:`.mix.build_train_stream`: one
+        :class:`TrainStream` / :class:`IterableStream`, or a :class:`MixedStream` over several datasets with
+        ``run.train_dataset_ratios``), DataLoaders for the others. Built on first use, after the optional
+        vision-feature caching."""
         if self._dataloaders is None:
             run = self.config.run_cfg
-            if run.get("train_dataset_ratios", None) is not None:
-                raise ValueError("run.train_dataset_ratios is not supported by runner_evlgen_iter; remove it "
-                                 "(datasets of the train split are concatenated)")
+            train_split = self._train_split_name()
+            train = self._train_datasets(train_split)
+            if train:  # errors before any caching (evaluation-only configs may build no train split)
+                resolve_ratios(run.get("train_dataset_ratios", None), list(train))
             if run.get("cache_vision_features", False):
+                self._check_cacheable_train_data(train)
                 cache_vision_features(self.datasets, self._place_model(), self.config)
+                train = self._train_datasets(train_split)
             by_split = {}
             for name, splits in self.datasets.items():
                 for split, dataset in splits.items():
-                    by_split.setdefault(split, []).append(dataset)
-            self.datasets = concat_datasets(by_split)
+                    if split != train_split:
+                        by_split.setdefault(split, []).append(dataset)
+            datasets = concat_datasets(by_split)
             loaders = {}
-            for split, dataset in self.datasets.items():
-                if isinstance(dataset, (tuple, list)) or not hasattr(dataset, "__getitem__"):
-                    raise TypeError(f"split {split!r} holds an iterable dataset (webdataset); runner_evlgen_iter "
-                                    "needs map-style datasets (use LAVIS's runner_iter for web datasets)")
+            for split, dataset in datasets.items():
+                if is_iterable_dataset(dataset) or isinstance(dataset, (tuple, list)):
+                    if split in list(self.valid_splits) + list(self.test_splits):
+                        raise TypeError(f"split {split!r} holds an iterable dataset (webdataset); runner_evlgen_iter "
+                                        "evaluates map-style datasets only (web datasets are for training)")
+                    logger.info("split %r holds an iterable dataset and is not used: no loader", split)
+                    continue
                 loaders[split] = self._make_loader(split, dataset)
+            if train:
+                loaders[train_split] = build_train_stream(
+                    train, run.get("train_dataset_ratios", None), self._make_map_stream,
+                    self._make_iterable_stream, self.settings.seed)
+                values = list(train.values())
+                datasets[train_split] = values[0] if len(values) == 1 else tuple(values)
+            self.datasets = datasets
             self._dataloaders = loaders
         return self._dataloaders
+
+    def _train_split_name(self):
+        splits = list(self.train_splits)
+        if len(splits) > 1:
+            raise ValueError(f"run.train_splits must name exactly one split to train on, got {splits}")
+        return splits[0] if splits else None
+
+    def _train_datasets(self, train_split):
+        """``{builder name: dataset}`` of the datasets that have the train split, in config order."""
+        if train_split is None:
+            return {}
+        return {name: splits[train_split] for name, splits in self.datasets.items() if train_split in splits}
+
+    @staticmethod
+    def _check_cacheable_train_data(train):
+        for name, dataset in train.items():
+            if is_iterable_dataset(dataset):
+                raise ValueError(
+                    f"run.cache_vision_features: train dataset {name!r} is an iterable (webdataset) stream, whose "
+                    "samples cannot be enumerated and cached; set run.cache_vision_features=false (or use a "
+                    f"map-style format for it, e.g. datasets.{name}.build_info.format: json where supported)"
+                )
+
+    def _make_map_stream(self, parts, name, seed):
+        """A :class:`TrainStream` over the map-style datasets ``parts`` in LAVIS's (skip-aware) ConcatDataset,
+        even a single one: its collater keeps the keys all samples share, as before."""
+        run = self.config.run_cfg
+        dataset = concat_datasets({"train": list(parts)})["train"]
+        logger.info("train (%s): %d records", name, len(dataset))
+        return TrainStream(dataset, run.batch_size_train, getattr(dataset, "collater", None),
+                           num_workers=run.get("num_workers", 0), num_replicas=get_world_size(), rank=get_rank(),
+                           seed=seed, pin_memory=self.device.type == "cuda", name=name)
+
+    def _make_iterable_stream(self, dataset, name, seed):
+        run = self.config.run_cfg
+        logger.info("train (%s): iterable dataset (webdataset), %s shard(s)", name,
+                    len(getattr(dataset, "shards", [])) or "?")
+        return IterableStream(dataset, run.batch_size_train, getattr(dataset, "collater", None),
+                              num_workers=run.get("num_workers", 0), rank=get_rank(), seed=seed,
+                              pin_memory=self.device.type == "cuda", name=name)
 
     def _make_loader(self, split, dataset):
         run = self.config.run_cfg
         collate = getattr(dataset, "collater", None)
         pin = self.device.type == "cuda"
         logger.info("%s: %d records", split, len(dataset))
-        if split in self.train_splits:
-            return TrainStream(dataset, run.batch_size_train, collate, num_workers=run.get("num_workers", 0),
-                               num_replicas=get_world_size(), rank=get_rank(), seed=self.settings.seed,
-                               pin_memory=pin)
         return build_eval_loader(dataset, run.get("batch_size_eval", run.batch_size_train),
                                  run.get("num_workers", 0), collate, self.use_distributed,
                                  self.use_dist_eval_sampler, pin_memory=pin, seed=self.settings.seed)
 
     @property
     def train_loader(self):
-        splits = list(self.train_splits)
-        if len(splits) != 1:
-            raise ValueError(f"run.train_splits must name exactly one split to train on, got {splits}")
-        if splits[0] not in self.dataloaders:
-            raise ValueError(f"run.train_splits names {splits[0]!r} but the datasets have splits "
+        split = self._train_split_name()
+        if split is None:
+            raise ValueError("run.train_splits is empty: name the split to train on, e.g. [train]")
+        if split not in self.dataloaders:
+            raise ValueError(f"run.train_splits names {split!r} but the datasets have splits "
                              f"{sorted(self.dataloaders)}")
-        return self.dataloaders[splits[0]]
+        return self.dataloaders[split]
 
     # -- training -------------------------------------------------------------------------------------
 
@@ -262,12 +326,16 @@ class RunnerEvlgenIter(CheckpointMixin, EvaluationMixin, RunnerIter):
         model = self.model
         model.train()
         totals = {"loss": 0.0, "samples": 0.0, "skipped": 0.0, "time": 0.0}
+        per_dataset = {}  # batches per dataset of a mix (log.txt: train_batches_<name>)
         lr = None
         for it in range(start, end):
             tic = time.time()
             row = self._train_iteration(it, stream, model)
             dt = time.time() - tic
             lr = row["lr"]
+            dataset = row.pop("dataset", None)
+            if dataset is not None:
+                per_dataset[dataset] = per_dataset.get(dataset, 0) + 1
             totals["time"] += dt
             totals["skipped"] += row["n_skipped"]
             if not row["nonfinite"]:
@@ -278,8 +346,9 @@ class RunnerEvlgenIter(CheckpointMixin, EvaluationMixin, RunnerIter):
                 self._csv().write(**row)
                 progress.update(row["loss"], lr, row["samples_per_s"])
                 if (it + 1) % self.settings.log_freq == 0:
-                    logger.info("iter %d/%d loss %.4f lr %.3g %.1f samples/s", it + 1, self.max_iters,
-                                row["loss"], lr, row["samples_per_s"])
+                    logger.info("iter %d/%d loss %.4f lr %.3g %.1f samples/s%s", it + 1, self.max_iters,
+                                row["loss"], lr, row["samples_per_s"], f" [{dataset}]" if dataset else "")
+        mix = {f"batches_{name}": per_dataset.get(name, 0) for name in getattr(stream, "streams", {})}
         return {
             "iters": end,
             "loss": totals["loss"] / totals["samples"] if totals["samples"] else float("nan"),
@@ -289,13 +358,14 @@ class RunnerEvlgenIter(CheckpointMixin, EvaluationMixin, RunnerIter):
             "n_skipped_total": self.skips.skipped,
             "n_seen_total": self.skips.seen,
             "nonfinite_skipped": self.nonfinite_skipped,
+            **mix,
         }
 
     def _train_iteration(self, it, stream, model):
         """One iteration: fetch, forward, agree on the loss over ranks, backward, maybe step."""
         ipe, accum = self.iters_per_inner_epoch, self.settings.accum_grad_iters
         fetched = SkipCounter()
-        batch = stream.next_nonempty(fetched)
+        batch = stream.next_nonempty(fetched, iteration=it)
         n = batch_size_of(batch)
         lr = self.lr_scheduler.step(it)
         samples = move_to_device(batch, self.device)
@@ -318,7 +388,8 @@ class RunnerEvlgenIter(CheckpointMixin, EvaluationMixin, RunnerIter):
         grad_norm = stepper.finish_cycle() if last_micro else None
         mean = loss_sum / count if not bad else float("nan")
         return {"iter": it, "epoch": stream.epoch, "loss": mean, "lr": lr, "samples": count,
-                "n_skipped": int(skipped), "grad_norm": grad_norm, "nonfinite": int(bad)}
+                "n_skipped": int(skipped), "grad_norm": grad_norm, "nonfinite": int(bad),
+                "dataset": getattr(stream, "current", None)}
 
     def _on_nonfinite(self, it, value, n_ranks):
         if get_world_size() > 1:

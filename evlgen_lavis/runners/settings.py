@@ -21,7 +21,19 @@ find_unused_parameters     false           passed to DistributedDataParallel
 test_checkpoint            best            test with "best" (needs valid_splits) or "last" weights
 output_dir                 output          relative paths resolve against the working directory
 log_freq                   50              log a training line every this many iterations
+train_dataset_ratios       null            {dataset name: weight} (or a list in the order of the datasets
+                                           section): each iteration trains on ONE train dataset drawn with
+                                           these weights, the draw a function of (seed, iteration): the same
+                                           on every rank and after a resume (:mod:`.mix`); 0 leaves a dataset
+                                           out. null: map-style train datasets are concatenated (iterable
+                                           ones are drawn evenly beside them)
 =========================  ==============  =====================================================================
+
+Iterable (webdataset) train datasets (``laion115M``, ``ccs14M`` in the webdataset format): streamed with
+``run.batch_size_train`` and ``run.num_workers``, shards split over ranks/workers as their
+``build_info.resample`` says; resuming restores map-style datasets exactly but cannot replay a shard
+position (a warning says so; see :class:`~evlgen_lavis.runners.data.IterableStream`), and
+``run.cache_vision_features`` refuses them.
 
 Also read elsewhere: seed (42), device / dist_backend (:mod:`.distributed`), init_lr ... (:mod:`.optim`),
 cache_vision_features ... (:mod:`.vision_cache`), batch_size_train, batch_size_eval, num_workers,
@@ -29,6 +41,8 @@ train_splits, valid_splits, test_splits, use_dist_eval_sampler (LAVIS's meanings
 """
 from dataclasses import dataclass
 from typing import Optional
+
+from evlgen_lavis.runners.mix import normalize_ratios
 
 
 def _positive_int(run, key, default=None):
@@ -68,6 +82,7 @@ class RunSettings:
     test_checkpoint: str = "best"
     log_freq: int = 50
     seed: int = 42
+    train_dataset_ratios: Optional[object] = None  # dict or list, checked for format (names: .mix)
 
     @classmethod
     def from_run_cfg(cls, run):
@@ -108,4 +123,5 @@ class RunSettings:
             test_checkpoint=_choice(run, "test_checkpoint", "best", ("best", "last")),
             log_freq=_positive_int(run, "log_freq", 50),
             seed=int(run.get("seed", 42)),
+            train_dataset_ratios=normalize_ratios(run.get("train_dataset_ratios", None)),
         )
