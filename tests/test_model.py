@@ -335,3 +335,77 @@ def test_demo_type_loads_offline_and_generates():
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])  # the real SmolLM2 weights, not random ones
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 5e6 < trainable < 2e7
+
+
+def test_llm_and_bert_accept_local_folders(tmp_path):
+    """Paper types name hub models; a local folder must work the same way (open_clip-style)."""
+    from transformers import BertConfig, BertModel
+
+    source = _fresh_tiny()
+    source.llm_model.save_pretrained(tmp_path / "opt")
+    source.llm_tokenizer.save_pretrained(tmp_path / "opt")
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+              ).save_pretrained(tmp_path / "bert")
+    cls = registry.get_model_class("evlgen_opt")
+    cfg = OmegaConf.load(cls.default_config_path("tiny")).model
+    cfg.llm = str(tmp_path / "opt")
+    cfg.tomeformer = {"bert": str(tmp_path / "bert"), "num_layers": 2, "r": 4}
+    model = cls.from_config(cfg).eval()
+    for (name, p), q in zip(model.llm_model.named_parameters(), source.llm_model.parameters()):
+        assert torch.equal(p, q), name
+    assert len(model.tomeformer.layer) == 2
+    assert model.generate({"image": _images(1)}, num_beams=1, max_length=3)[0] is not None
+
+
+def _contrastive_model():
+    cls = registry.get_model_class("evlgen_opt")
+    cfg = OmegaConf.load(cls.default_config_path("tiny")).model
+    cfg.beta = 0.5
+    torch.manual_seed(0)
+    return cls.from_config(cfg)
+
+
+def test_contrastive_loss_adds_to_lm_loss_and_trains_its_head():
+    model = _contrastive_model()
+    model.train()
+    out = model({"image": _images(), "text_input": CAPTIONS})
+    assert set(out) == {"loss", "loss_lm", "loss_itc"}
+    torch.testing.assert_close(out["loss"], out["loss_lm"] + 0.5 * out["loss_itc"])
+    out["loss"].backward()
+    assert model.itc_proj.weight.grad is not None and model.itc_temp.grad is not None
+    assert all(not p.requires_grad for p in model.text_encoder.parameters())
+
+
+def _ddp_contrastive(rank, world, port, images, captions, result):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = _contrastive_model().eval()
+    n = images.shape[0] // world
+    sl = slice(rank * n, (rank + 1) * n)
+    with torch.no_grad():
+        soft, sizes, tokens = model.soft_prompts({"image": images[sl]})
+        result[rank] = model._contrastive_loss(tokens, sizes, captions[sl]).item()
+    dist.destroy_process_group()
+
+
+def test_contrastive_loss_gathers_across_ranks():
+    """Two ranks with half the batch each: the mean of their losses equals one process on the whole
+    batch, because every rank scores its images against the texts of all ranks (and vice versa)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    images = _images(4, seed=9)
+    model = _contrastive_model().eval()
+    with torch.no_grad():
+        soft, sizes, tokens = model.soft_prompts({"image": images})
+        whole = model._contrastive_loss(tokens, sizes, CAPTIONS).item()
+    result = mp.Manager().dict()
+    mp.spawn(_ddp_contrastive, args=(2, port, images, CAPTIONS, result), nprocs=2, join=True)
+    assert abs((result[0] + result[1]) / 2 - whole) < 1e-5
+    assert abs(result[0] - result[1]) > 1e-6  # each rank scored different rows
