@@ -38,3 +38,46 @@ def registry_once(kind, name):
 def config_path(*parts):
     """Absolute path of a yaml shipped inside the package (LAVIS accepts absolute paths)."""
     return os.path.join(PACKAGE_ROOT, "configs", *parts)
+
+
+def atomic_save(obj, path):
+    """``torch.save(obj, path)`` through a temporary file in the same directory and ``os.replace``: a
+    reader (or a crash) never sees a half-written file."""
+    import tempfile
+
+    import torch
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_dir(target, fill):
+    """Create the folder ``target`` by calling ``fill(tmp)`` on a temporary sibling folder and renaming it.
+    Returns ``target``; if it already exists nothing is done. Safe when several processes race: the
+    first rename wins and the others keep its result."""
+    import shutil
+    import tempfile
+
+    if os.path.isdir(target):
+        return target
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(target), dir=parent)
+    try:
+        fill(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

