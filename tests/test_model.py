@@ -321,7 +321,7 @@ def test_paper_shapes_at_full_size_with_random_weights():
 @pytest.mark.slow
 def test_demo_type_loads_offline_and_generates():
     model, vis, txt = load_model_and_preprocess("evlgen_llama", "demo", is_eval=True, device="cpu")
-    assert model.num_soft_tokens == 25 and model.visual_encoder.num_tokens == 49
+    assert model.num_soft_tokens == 13 and model.visual_encoder.num_tokens == 49
     assert model.llm_tokenizer.eos_token == "<|im_end|>" and model.eos_token_id == 2
     image = vis["eval"](Image.new("P", (64, 64)))
     assert image.shape == (3, 224, 224)
