@@ -116,7 +116,10 @@ def main():
         opts += [f"run.max_iters={args.max_iters}", f"run.iters_per_inner_epoch={half}", f"run.save_every={half}"]
     train_s = run([py, "train.py", "--cfg-path", CAPTION_CFG, "--options", *opts], os.path.join(out, "train.log"))
     run_dir = os.path.join(out, "caption", "run")
-    ckpt = newest(os.path.join(run_dir, "checkpoint_*.pth"))
+    numbered = glob.glob(os.path.join(run_dir, "checkpoint_[0-9]*.pth"))
+    if not numbered:
+        raise SystemExit(f"no checkpoint_<iters>.pth in {run_dir}")
+    ckpt = max(numbered, key=lambda p: int(os.path.basename(p)[len("checkpoint_"):-len(".pth")]))  # the last
     test_metrics = read_json(os.path.join(run_dir, "test_metrics.json"))
 
     vqa_opts = [f"run.output_dir={out}/vqa", "run.job_id=run", f"model.pretrained={ckpt}"]
