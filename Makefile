@@ -34,3 +34,7 @@ demo: install
 
 clean-cache:
 	rm -rf $${EVLGEN_CACHE:-$$HOME/.cache/evlgen_lavis}
+
+.PHONY: demo-video
+demo-video: install
+	$(VPY) run_scripts/evlgen/demo_video.py

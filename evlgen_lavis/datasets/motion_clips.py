@@ -1,7 +1,7 @@
 """Synthetic motion clips: a coloured shape moving left, right, up or down, as real mp4 files.
 
 Each clip shows one shape (circle, rectangle or triangle; the easy-vqa vocabulary, so the image demo's
-words carry over) in one colour on a light background, travelling about half the frame in one of four
+words carry over) in one colour on a light background, travelling 40-50% of the frame in one of four
 directions. Captions: "a red circle moves to the left", "a blue triangle moves up", ... Splits are
 balanced over colour x shape x direction (4 x 3 x 4 = 48 kinds); positions, sizes, speeds and
 backgrounds are drawn from a seeded generator, so a given configuration always gives the same files.
@@ -24,7 +24,7 @@ import numpy as np
 
 from evlgen_lavis.common import CACHE_ROOT
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (225, 195, 25)}
 SHAPES = ("circle", "rectangle", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -41,8 +41,8 @@ def render_clip(colour, shape, direction, rng, size=64, n_frames=8):
     """Frames (n_frames, size, size, 3) uint8 of one clip (see the module docstring)."""
     from PIL import Image, ImageDraw
 
-    half = rng.uniform(0.11, 0.15) * size  # half the shape's extent
-    travel = rng.uniform(0.45, 0.6) * size
+    half = rng.uniform(0.13, 0.18) * size  # half the shape's extent
+    travel = rng.uniform(0.38, 0.5) * size
     margin = half + 1
     dx, dy = DIRECTIONS[direction]
     along_start = rng.uniform(margin, size - margin - travel)

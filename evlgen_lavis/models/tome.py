@@ -57,28 +57,26 @@ def bipartite_soft_matching(
         src_idx = order[:, :r]  # (B, r) A tokens merged away
         keep_idx = order[:, r:].sort(dim=-1).values  # (B, Na - r) A tokens kept, original order
         dst_idx = best_dst.gather(-1, src_idx)  # (B, r) where they go in B
-    n_a = a.shape[1]
+        # Output slot of every input token: kept A tokens first (in order), then the B tokens; a merged A token
+        # goes to its B partner's slot. Merging is then one scatter, unmerging one gather (benchmarks/NOTES.md).
+        n_a = a.shape[1]
+        n_kept = n_a - r
+        dest_a = torch.empty_like(best_dst)  # (B, Na)
+        dest_a.scatter_(1, keep_idx, torch.arange(n_kept, device=metric.device).expand(B, n_kept))
+        dest_a.scatter_(1, src_idx, dst_idx + n_kept)
+        dest = torch.empty(B, N, 1, dtype=torch.long, device=metric.device)  # (B, N, 1)
+        dest[:, ::2, 0] = dest_a
+        dest[:, 1::2, 0] = torch.arange(n_kept, N - r, device=metric.device)
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        xa, xb = x[:, ::2], x[:, 1::2]  # (B, Na, D), (B, Nb, D)
-        D = x.shape[-1]
-        kept = xa.gather(1, keep_idx[..., None].expand(B, n_a - r, D))
-        moved = xa.gather(1, src_idx[..., None].expand(B, r, D))
-        xb = xb.scatter_reduce(1, dst_idx[..., None].expand(B, r, D), moved, reduce=mode)
-        return torch.cat([kept, xb], dim=1)  # (B, N - r, D); class token first when protected
+        index = dest.expand(B, N, x.shape[-1])
+        out = x.new_zeros(B, N - r, x.shape[-1])  # (B, N - r, D); class token first when protected
+        if mode == "sum":
+            return out.scatter_add(1, index, x)
+        return out.scatter_reduce(1, index, x, reduce=mode, include_self=False)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
-        n_kept = n_a - r
-        kept, xb = x[:, :n_kept], x[:, n_kept:]
-        D = x.shape[-1]
-        moved = xb.gather(1, dst_idx[..., None].expand(B, r, D))
-        out = x.new_empty(B, N, D)
-        out[:, 1::2] = xb
-        xa = x.new_empty(B, n_a, D)
-        xa.scatter_(1, keep_idx[..., None].expand(B, n_kept, D), kept)
-        xa.scatter_(1, src_idx[..., None].expand(B, r, D), moved)
-        out[:, ::2] = xa
-        return out
+        return x.gather(1, dest.expand(B, N, x.shape[-1]))  # (B, N, D)
 
     return merge, unmerge
 

@@ -1,0 +1,141 @@
+"""The benchmark scripts run end to end at toy sizes (CPU, offline, seconds) and print what they promise.
+
+The numbers themselves are not tested (they live in benchmarks/results/, measured on purpose); this only
+guards that `step_cost.py`, `convergence.py` and `speed_work.py` keep working as the package changes, and
+that the offline BLIP-2 construction matches LAVIS's.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _run(args, timeout=240):
+    out = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def _module(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_step_cost_tiny_ends_with_the_ratio(tmp_path):
+    report = tmp_path / "step_cost.md"
+    out = _run([BENCH / "step_cost.py", "--scale", "tiny", "--steps", "2", "--warmup", "0", "--gen-reps", "1",
+                "--out", report])
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    assert "wrote" in lines[-1]
+    last = lines[-2]
+    assert "ratio" in last and "EVLGen / BLIP-2 stage-2" in last
+    assert float(last.split(":")[-1].split()[0]) > 0
+    for row in ("| floor |", "| EVLGen |", "| EVLGen cached |", "| BLIP-2 s2 |", "| BLIP-2 s1 |",
+                "| BLIP-2 s2 (EVLGen harness) |"):
+        assert row in out
+    assert "merging overhead" in out and "generate latency" in out
+    text = report.read_text()
+    assert "- command: `python benchmarks/step_cost.py --scale tiny" in text and "- machine:" in text
+
+
+def test_step_cost_connectors_only_path():
+    """The path --scale paper takes on a CPU, at tiny size."""
+    out = _run([BENCH / "step_cost.py", "--scale", "tiny", "--connectors-only", "--steps", "1", "--warmup", "0"])
+    last = out.strip().splitlines()[-1]
+    assert "ratio" in last and "connectors only" in last
+    assert "| floor |" not in out
+
+
+def test_convergence_tiny_runs_end_to_end(tmp_path):
+    report = tmp_path / "conv.md"
+    out = _run([BENCH / "convergence.py", "--model", "tiny", "--budget", "1", "--evals", "1", "--eval-images", "8",
+                "--train-images", "32", "--batch", "4", "--out", report])
+    assert "ratio BLIP-2 LM only / EVLGen" in out and "ratio EVLGen 10% data / EVLGen" in out
+    text = report.read_text()
+    for label in ("| EVLGen |", "| BLIP-2 LM only |", "| BLIP-2 2-stage |", "| EVLGen 10% data |"):
+        assert label in text
+    assert (tmp_path / "conv.png").stat().st_size > 1000 and (tmp_path / "conv.json").exists()
+
+
+def test_speed_work_tiny():
+    out = _run([BENCH / "speed_work.py", "--scale", "tiny", "--reps", "1", "--only", "merge,fused_qkv,lm_head"])
+    for name in ("| merge |", "| fused_qkv |", "| lm_head |"):
+        assert name in out
+
+
+@pytest.mark.parametrize("n,r,class_token", [(257, 19, True), (49, 4, False), (17, 4, True), (12, 100, False)])
+def test_merge_candidates_agree(n, r, class_token):
+    """The merge implementations compared in speed_work.py compute the same thing as the package's."""
+    sw = _module("speed_work")
+    from evlgen_lavis.models.tome import bipartite_soft_matching
+
+    torch.manual_seed(0)
+    metric, x = torch.randn(3, n, 8), torch.randn(3, n, 5, dtype=torch.float64)
+    merges = [f(metric, r, class_token)[0] for f in (bipartite_soft_matching, sw.bipartite_soft_matching_before,
+                                                      sw.bipartite_soft_matching_scatter)]
+    for mode in ("sum", "mean", "amax"):
+        ref = merges[0](x, mode)
+        for merge in merges[1:]:
+            torch.testing.assert_close(merge(x, mode), ref)
+
+
+def test_offline_qformer_matches_lavis_layout():
+    """build_qformer + strip_for_stage2 give LAVIS's Q-Former parameter names (loadable from its checkpoints)."""
+    bo = _module("blip2_offline")
+    from evlgen_lavis.models.assets import minilm_dir
+
+    tok = bo.bert_tokenizer(minilm_dir())
+    config = bo.qformer_config(48, 4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64)
+    qformer, queries = bo.build_qformer(config, vocab_size=len(tok))
+    names = {n for n, _ in qformer.named_parameters()}
+    assert "bert.encoder.layer.0.crossattention.self.key.weight" in names  # cross-attention every 2nd layer
+    assert "bert.encoder.layer.1.crossattention.self.key.weight" not in names
+    assert "bert.encoder.layer.0.intermediate_query.dense.weight" in names
+    layer0 = qformer.bert.encoder.layer[0]
+    torch.testing.assert_close(layer0.intermediate_query.dense.weight, layer0.intermediate.dense.weight)
+    assert queries.shape == (1, 4, 32) and len(tok) == 30523
+    connector = bo.QFormerConnector(bo.strip_for_stage2(qformer), queries, 48)
+    tokens, sizes = connector(torch.randn(2, 17, 48))
+    assert tokens.shape == (2, 4, 32) and torch.all(sizes == 1)
+
+
+def test_paper_scale_builds_with_the_right_shapes():
+    """--scale paper's frozen parts (EVA-ViT-g, OPT-2.7B) and connectors, built on the meta device (no memory)."""
+    sc = _module("step_cost")
+    bo = _module("blip2_offline")
+    from transformers import BertConfig
+
+    from evlgen_lavis.models.tomeformer import TomeFormer
+
+    cfg = sc.SCALES["paper"]
+    meta = torch.device("meta")
+    vision = sc.build_vision(cfg, meta, half=True)
+    assert (vision.num_features, vision.num_tokens) == (1408, 257)
+    assert 0.95e9 < sum(p.numel() for p in vision.parameters()) < 1.05e9  # ViT-g: about 1.0B
+    llm, _ = sc.build_llm(cfg, meta, half=True)
+    assert 2.6e9 < sum(p.numel() for p in llm.parameters()) < 2.7e9  # OPT-2.7B: 2.65B
+    assert llm.dtype == torch.float16
+    with meta:
+        tf = TomeFormer(BertConfig(**cfg["connector"]), r=cfg["r"], vision_width=1408)
+        qformer, queries = bo.build_qformer(bo.qformer_config(1408, cfg["queries"], **cfg["connector"]))
+    assert tf.check_input_tokens(257) == 29 and queries.shape == (1, 32, 768)
+    assert len(qformer.bert.encoder.layer) == 12
