@@ -17,12 +17,10 @@ import itertools
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
 
-from evlgen_lavis.common import CACHE_ROOT
+from evlgen_lavis.common import CACHE_ROOT, atomic_dir
 
 FORMAT_VERSION = 2
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (225, 195, 25)}
@@ -113,22 +111,13 @@ def prepare_motion_clips(cache_dir=None, n_train=480, n_val=48, n_test=96, n_fra
     several processes at once."""
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or os.path.join(CACHE_ROOT, "motion_shapes")))
     final = os.path.join(cache_dir, split_tag(n_train, n_val, n_test, n_frames, size, seed))
-    if os.path.isdir(final):
-        return final
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
-    try:
+
+    def fill(tmp):
         rng = np.random.default_rng(seed)
         for split, n, offset in (("train", n_train, 0), ("val", n_val, 7), ("test", n_test, 13)):
             _write_split(tmp, split, n, rng, size, n_frames, offset)
-        try:
-            os.rename(tmp, final)  # atomic; fails if another process got there first
-        except OSError:
-            if not os.path.isdir(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return atomic_dir(final, fill)
 
 
 # -- scoring ---------------------------------------------------------------------------------------------
