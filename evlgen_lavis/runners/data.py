@@ -154,14 +154,10 @@ class TrainStream:
         """The next batch that has samples; every batch fetched is added to ``counter``. Raises
         :class:`TooManySkippedError` when a whole epoch's worth of consecutive batches was empty.
         (``iteration`` is unused here; mixed streams choose their dataset with it.)"""
-        for _ in range(self.batches_per_epoch + 1):
-            batch = next(self)
-            count_batch(counter, batch)
-            if not batch.get("empty", False):
-                return batch
-        raise TooManySkippedError(
+        return first_nonempty(
+            self, counter, self.batches_per_epoch + 1,
             f"{self.batches_per_epoch + 1} consecutive training batches had no readable sample: "
-            "check the image directory (datasets.<name>.build_info.images.storage) and the annotation paths"
+            "check the image directory (datasets.<name>.build_info.images.storage) and the annotation paths",
         )
 
     def state_dict(self):
@@ -279,14 +275,10 @@ class IterableStream:
 
     def next_nonempty(self, counter: SkipCounter, iteration=None):
         """The next batch that has samples; every batch fetched is added to ``counter``."""
-        for _ in range(self.MAX_CONSECUTIVE_EMPTY):
-            batch = next(self)
-            count_batch(counter, batch)
-            if not batch.get("empty", False):
-                return batch
-        raise TooManySkippedError(
+        return first_nonempty(
+            self, counter, self.MAX_CONSECUTIVE_EMPTY,
             f"{self.MAX_CONSECUTIVE_EMPTY} consecutive batches of {self._label()} had no readable sample: "
-            "check its shards (datasets.<name>.build_info.storage)"
+            "check its shards (datasets.<name>.build_info.storage)",
         )
 
     def state_dict(self):
@@ -307,6 +299,17 @@ def warn_approximate_resume(names):
         "replayed, so they continue with fresh shard draws / a fresh pass; the resumed run does not repeat "
         "the batches an uninterrupted run would have seen from them (map-style datasets resume exactly)",
         sorted(names))
+
+
+def first_nonempty(stream, counter, limit, message):
+    """The next batch of ``stream`` that has samples, adding every batch fetched to ``counter``; raises
+    :class:`TooManySkippedError` with ``message`` after ``limit`` empty batches in a row."""
+    for _ in range(limit):
+        batch = next(stream)
+        count_batch(counter, batch)
+        if not batch.get("empty", False):
+            return batch
+    raise TooManySkippedError(message)
 
 
 def count_batch(counter, batch):
