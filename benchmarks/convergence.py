@@ -1,6 +1,6 @@
 """The paper's claim in miniature: caption quality against wall-clock, EVLGen vs BLIP-2, same budget each.
 
-    python benchmarks/convergence.py [--budget 400] [--evals 5] [--eval-images 200] [--clock wall|cpu] [--threads N]
+    python benchmarks/convergence.py [--budget 400] [--evals 4] [--eval-images 150] [--clock wall|cpu] [--threads N]
                                      [--out benchmarks/results/convergence.md]
 
 On easy-vqa's captions ("a blue rectangle") with the demo backbones (frozen EfficientNet-Lite0 features,
@@ -353,7 +353,30 @@ def plot(results, path, budget, targets, kind="wall"):
     plt.close(fig)
 
 
-def report(results, args, targets, wall_s, png_name):
+def run_meta(wall_s):
+    return {"command": benchlib.command_line(), "machine": benchlib.machine(), "date": benchlib.now(),
+            "code": benchlib.git_rev(), "wall_s": wall_s}
+
+
+def meta_from_report(path):
+    """The header of an earlier report (for results saved before the JSON carried it)."""
+    meta = {}
+    with open(path) as f:
+        for line in f:
+            if line.startswith("- command: `"):
+                meta["command"] = line.split("`")[1]
+            elif line.startswith("- machine: "):
+                meta["machine"] = line[len("- machine: "):].split(";")[0].strip()
+            elif line.startswith("- date: "):
+                date, _, rest = line[len("- date: "):].partition(", code ")
+                meta["date"] = date.strip()
+                code, _, wall = rest.partition("; whole run ")
+                meta["code"] = code.strip()
+                meta["wall_s"] = float(wall.split()[0]) * 60 if wall else float("nan")
+    return meta
+
+
+def report(results, args, targets, meta, png_name, rerendered=None):
     base = {k: time_to(results[0][1], k, t) for k in targets for t in targets[k][:1]}
     rows = []
     for info, curve in results:
@@ -378,9 +401,11 @@ def report(results, args, targets, wall_s, png_name):
     lines = [
         "# Convergence in miniature: EVLGen vs BLIP-2, same training-time budget",
         "",
-        f"- command: `{benchlib.command_line()}`",
-        f"- machine: {benchlib.machine()}; shared with other jobs (measurement runs serialised by a lock)",
-        f"- date: {benchlib.now()}, code {benchlib.git_rev()}; whole run {wall_s / 60:.1f} min",
+        f"- command: `{meta['command']}`",
+        f"- machine: {meta['machine']}; shared with other jobs (measurement runs serialised by a lock)",
+        f"- date: {meta['date']}, code {meta['code']}; whole run {meta['wall_s'] / 60:.1f} min",
+    ] + ([f"- this report was re-rendered from the run's saved curves (targets changed, nothing retrained): "
+          f"`{rerendered}`"] if rerendered else []) + [
         f"- data: easy-vqa captions ({results[0][0]['train_images']:,} training images; 1/10 = "
         f"{results[-1][0]['train_images'] if results[-1][0]['variant'] == 'evlgen_10pct' else 'n/a'}), "
         f"frozen {args.model} encoder features cached; evaluation: greedy captions (max {args.max_len} tokens) "
@@ -432,13 +457,14 @@ def main(argv=None):
                              "(all threads; use on a shared machine)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: torch's default)")
     parser.add_argument("--eval-threads", type=int, default=os.cpu_count(), help="torch threads for evaluation")
-    parser.add_argument("--evals", type=int, default=5, help="evaluations per variant (+ one at t=0)")
-    parser.add_argument("--eval-images", type=int, default=200)
+    parser.add_argument("--evals", type=int, default=4, help="evaluations per variant (+ one at t=0)")
+    parser.add_argument("--eval-images", type=int, default=150)
     parser.add_argument("--train-images", type=int, default=None, help="use only the first N (tests)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4, help="the demo's (and the paper's) peak lr")
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=100,
+                        help="linear warm-up steps (30 diverged for some seeds; see benchmarks/NOTES.md)")
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--stage1-frac", type=float, default=0.5)
     parser.add_argument("--stage1-txt-len", type=int, default=16)
@@ -446,6 +472,8 @@ def main(argv=None):
     parser.add_argument("--target-acc", type=float, nargs="*", default=[0.5, 0.8])
     parser.add_argument("--target-cider", type=float, nargs="*", default=[5.0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-json", default=None,
+                        help="re-render the report and plot from a run's saved curves (e.g. with other targets)")
     parser.add_argument("--out", default=None, help="markdown report (a PNG and a JSON are written beside it)")
     args = parser.parse_args(argv)
     benchlib.quiet_warnings()
@@ -455,6 +483,9 @@ def main(argv=None):
 
     def log(msg):
         print(f"[{time.time() - wall0:7.1f}s] {msg}", flush=True)
+
+    if args.from_json:
+        return rerender(args)
 
     import evlgen_lavis  # noqa: F401
     from blip2_offline import init_single_process_group
@@ -485,9 +516,29 @@ def main(argv=None):
         log(f"{info['label']}: {info['steps']} LM steps, {info['s_per_step']:.2f} s/step, final CIDEr "
             f"{curve[-1]['CIDEr']:.3f} acc {curve[-1]['acc']:.3f}")
 
+    meta = run_meta(time.time() - wall0)
+    meta["args"] = vars(args)
+    finish(results, args, meta)
+    return 0
+
+
+def rerender(args):
+    with open(args.from_json) as f:
+        saved = json.load(f)
+    if isinstance(saved, list):  # saved before the JSON carried the run's header: take it from the report
+        saved = {"meta": meta_from_report(args.out), "results": saved}
+    results = [(r["info"], r["curve"]) for r in saved["results"]]
+    for key, value in (saved["meta"].get("args") or {}).items():  # the run's settings, not this command's
+        if key not in ("target_acc", "target_cider", "out", "from_json"):
+            setattr(args, key, value)
+    finish(results, args, saved["meta"], rerendered=benchlib.command_line())
+    return 0
+
+
+def finish(results, args, meta, rerendered=None):
     targets = {"acc": args.target_acc, "CIDEr": args.target_cider}
     png = os.path.splitext(args.out)[0] + ".png" if args.out else None
-    lines, _ = report(results, args, targets, time.time() - wall0, os.path.basename(png) if png else "")
+    lines, _ = report(results, args, targets, meta, os.path.basename(png) if png else "", rerendered)
     print()
     print("\n".join(lines[lines.index("") + 1:]))
     ref = results[0]
@@ -500,10 +551,10 @@ def main(argv=None):
     if args.out:
         benchlib.write_text(args.out, lines)
         plot(results, png, args.budget, targets, args.clock)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump([{"info": i, "curve": c} for i, c in results], f, indent=1)
-        log(f"wrote {args.out}, {png}")
-    return 0
+        if not rerendered:
+            with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+                json.dump({"meta": meta, "results": [{"info": i, "curve": c} for i, c in results]}, f, indent=1)
+        print(f"wrote {args.out}, {png}")
 
 
 if __name__ == "__main__":

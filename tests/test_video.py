@@ -151,6 +151,24 @@ def test_msrvtt_builder_reads_lavis_layout(tmp_path, monkeypatch):
     assert train["text_input"] == "a red ball" and train["video"].shape == (3, 3, 32, 32)
 
 
+def test_lavis_own_video_datasets_feed_the_model(tmp_path):
+    """LAVIS's msrvtt_caption / msvd_caption datasets with our processors give batches the model takes."""
+    from lavis.datasets.datasets.video_caption_datasets import VideoCaptionDataset, VideoCaptionEvalDataset
+    from lavis.processors.blip_processors import BlipCaptionProcessor
+
+    from evlgen_lavis.processors.video import EVLGenVideoEvalProcessor
+
+    (tmp_path / "videos").mkdir()
+    write_mp4(render_clip("red", "circle", "left", np.random.default_rng(0), 32, 5), str(tmp_path / "videos" / "v.mp4"))
+    (tmp_path / "a.json").write_text(json.dumps([{"video": "v.mp4", "caption": "a red ball", "image_id": "v"}]))
+    args = (EVLGenVideoEvalProcessor(32, 3), BlipCaptionProcessor(), str(tmp_path / "videos"), [str(tmp_path / "a.json")])
+    train, test = VideoCaptionDataset(*args), VideoCaptionEvalDataset(*args)
+    model = _tiny_video().eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(train.collater([train[0], train[0]]))["loss"])
+    assert len(model.generate(test.collater([test[0]]), num_beams=1, max_length=3)) == 1
+
+
 # -- the temporal module -----------------------------------------------------------------------------------
 
 def test_temporal_attention_shapes_identity_and_order():

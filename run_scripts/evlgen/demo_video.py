@@ -21,6 +21,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,86 @@ def clips_dir():
     return prepare_motion_clips(**{k: info.get(k) for k in keys if info.get(k) is not None})
 
 
+def cached_features_path(log_path, split):
+    """The per-frame feature cache a variant's run used for ``split`` (the runner logs it)."""
+    pattern = re.compile(rf"motion_shapes_caption/{split}: using cached vision features (\S+)")
+    with open(log_path) as f:
+        for line in f:
+            found = pattern.search(line)
+            if found:
+                return found.group(1)
+    raise SystemExit(f"{log_path} names no cached features for {split}: was run.cache_vision_features on?")
+
+
+def direction_probe(log_path, directory, steps=200, batch=16, seed=0):
+    """What each variant's temporal stage can *represent*, without the LLM: on the same cached frozen
+    per-frame features, train only [temporal module ->] frame mean -> LayerNorm -> token mean -> linear
+    classifier of the direction (module settings, lr and weight decay from the demo configs), then test it.
+    Returns ``{variant: {"direction", "axis", "same_on_reversed"}}``."""
+    import torch
+    from omegaconf import OmegaConf
+    from torch import nn
+
+    from evlgen_lavis.common import config_path
+    from evlgen_lavis.datasets.motion_clips import DIRECTIONS
+    from evlgen_lavis.models.temporal import TemporalAttention, frames
+
+    temporal = OmegaConf.load(config_path("models", "evlgen_video_llama", "demo.yaml")).model.temporal
+    run_cfg = OmegaConf.load(os.path.join(ROOT, CFG)).run
+    index = {d: i for i, d in enumerate(DIRECTIONS)}
+
+    def load(split):
+        cache = torch.load(cached_features_path(log_path, split), map_location="cpu", mmap=True, weights_only=True)
+        by_video = {a["video"]: a["direction"] for a in read_json(os.path.join(directory, f"caption_{split}.json"))}
+        labels = torch.tensor([index[by_video[k]] for k in cache["keys"]])
+        return cache["features"].float(), labels  # (M, T, N, C), (M,)
+
+    (x_train, y_train), (x_test, y_test) = load("train"), load("test")
+    width = x_train.shape[-1]
+    results = {}
+    for name in VARIANTS:
+        torch.manual_seed(seed)
+        module = None
+        if name != "frame_mean":
+            module = TemporalAttention(width, temporal.hidden_dim, temporal.num_heads, order_aware=(name == "order_aware"),
+                                       max_frames=temporal.max_frames, gain=temporal.gain)
+        norm, head = nn.LayerNorm(width), nn.Linear(width, len(index))
+        parts = [norm, head] + ([module] if module is not None else [])
+        params = [p for part in parts for p in part.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=float(run_cfg.init_lr), weight_decay=float(run_cfg.weight_decay))
+
+        def predict(x):
+            B, T, N, C = x.shape
+            if module is not None:
+                with frames([module], T):
+                    x = module(x.reshape(B * T, N, C)).view(B, T, N, C)
+            return head(norm(x.mean(1)).mean(1))  # (B, 4)
+
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            pick = torch.randint(0, len(x_train), (batch,), generator=generator)
+            loss = nn.functional.cross_entropy(predict(x_train[pick]), y_train[pick])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            pred, pred_rev = predict(x_test).argmax(-1), predict(x_test.flip(1)).argmax(-1)
+        results[name] = {"direction": (pred == y_test).float().mean().item(),
+                         "axis": ((pred // 2) == (y_test // 2)).float().mean().item(),
+                         "same_on_reversed": (pred == pred_rev).float().mean().item()}
+    return results
+
+
+def probe_table(probe, steps=200):
+    lines = ["| variant | direction acc. | axis acc. | same prediction for the reversed clip |", "|---|---|---|---|"]
+    for name, r in probe.items():
+        lines.append(f"| {LABELS[name]} | {r['direction']:.3f} | {r['axis']:.3f} | {r['same_on_reversed']:.3f} |")
+    lines.append("")
+    lines.append(f"Direction probe: the variant's temporal stage + LayerNorm + token mean + a linear classifier, "
+                 f"{steps} steps of batch 16 on the same cached per-frame features (no LLM).")
+    return "\n".join(lines)
+
+
 def table(rows, iters, batch, start):
     lines = [
         f"| variant | BLEU-4 | METEOR | ROUGE-L | CIDEr | exact match | direction acc. | axis acc. | "
@@ -120,20 +201,25 @@ def main():
                         help=f"image demo checkpoint (default: the last {IMAGE_RUN}/checkpoint_<iters>.pth)")
     parser.add_argument("--from-scratch", action="store_true", help="ignore any image demo checkpoint")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    parser.add_argument("--rescore", action="store_true",
+                        help="do not train: score the runs already in --out again (and redo the probe)")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     out = os.path.join(ROOT, args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
+    previous = read_json(os.path.join(out, "results.json")) if args.rescore else {}
+    if not args.rescore:
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
 
     ckpt = None if args.from_scratch else (args.image_ckpt or image_checkpoint())
     if ckpt and not os.path.isfile(ckpt):
         raise SystemExit(f"--image-ckpt {ckpt} does not exist")
     start = f"image demo checkpoint {os.path.relpath(ckpt, ROOT)}" if ckpt else "scratch (no image demo checkpoint)"
-    if ckpt:  # a private copy: `make demo` may replace output/demo while this runs
+    start = previous.get("start", start)
+    if ckpt and not args.rescore:  # a private copy: `make demo` may replace output/demo while this runs
         shutil.copyfile(ckpt, os.path.join(out, "image_checkpoint.pth"))
         ckpt = os.path.join(out, "image_checkpoint.pth")
     print(f"video demo: starting from {start}", flush=True)
@@ -153,17 +239,23 @@ def main():
             opts.append(f"model.pretrained={ckpt}")
         if args.max_iters:
             opts += [f"run.max_iters={args.max_iters}", f"run.iters_per_inner_epoch={args.max_iters}"]
-        seconds = run([sys.executable, "train.py", "--cfg-path", CFG, "--options", *opts],
-                      os.path.join(out, f"{name}.log"))
+        if args.rescore:
+            seconds = previous.get("variants", {}).get(name, {}).get("seconds", float("nan"))
+        else:
+            seconds = run([sys.executable, "train.py", "--cfg-path", CFG, "--options", *opts],
+                          os.path.join(out, f"{name}.log"))
         run_dir = os.path.join(out, name)
         results = read_json(newest(os.path.join(run_dir, "result", "test_*.json")))
         rows[name] = {"caption": read_json(os.path.join(run_dir, "test_metrics.json")),
                       "motion": motion_scores(results, test_ann), "seconds": seconds,
                       "examples": sorted(results, key=lambda r: str(r["image_id"]))[:6]}
 
-    text = table(rows, iters, batch, start)
-    summary = {"start": start, "iters": iters, "total_seconds": round(time.time() - t0, 1), "variants": rows,
-               "config": CFG, "command": "make demo-video"}
+    print("direction probe (no LLM) on the cached features ...", flush=True)
+    probe = direction_probe(os.path.join(out, f"{variants[0]}.log"), directory)
+    text = table(rows, iters, batch, start) + "\n\n" + probe_table(probe)
+    total = previous.get("total_seconds", 0.0) if args.rescore else time.time() - t0
+    summary = {"start": start, "iters": iters, "total_seconds": round(total, 1), "variants": rows,
+               "direction_probe": probe, "config": CFG, "command": "make demo-video"}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
