@@ -22,7 +22,9 @@ taken from the paper), visual tokens into the LLM, and greedy generation latency
 Scales: ``tiny`` (seconds; tests), ``small`` (CPU-sized; the paper's token counts 257 -> 29 and 32 queries,
 its 12-layer connectors, roughly its cost proportions at ~1/60 of its FLOPs), ``paper`` (EVA-ViT-g and
 OPT-2.7B shapes, bert-base-shaped connectors, random weights, no download; on a CPU only the connectors are
-measured). The last line printed holds the EVLGen / BLIP-2 stage-2 step-time ratio.
+measured unless ``--full-models`` is given: then the whole models run in fp32, which needs ~20 GB of memory with
+``--models floor,EVLGen,"BLIP-2 s2"``). ``--models`` keeps a subset (EVLGen and BLIP-2 s2 are always kept).
+The last line printed holds the EVLGen / BLIP-2 stage-2 step-time ratio.
 """
 import argparse
 import copy
@@ -142,8 +144,23 @@ def floor_soft_prompts(self, samples):
     return soft, soft.new_ones(soft.shape[0], soft.shape[1], 1), x
 
 
-def build_models(cfg, device, half, connectors_only=False):
-    """{name: model} sharing one frozen encoder and one frozen LLM."""
+MODEL_NAMES = ("floor", "EVLGen", "EVLGen cached", "BLIP-2 s2", "BLIP-2 s2 (EVLGen harness)", "BLIP-2 s1")
+REQUIRED = ("EVLGen", "BLIP-2 s2")  # the ratio the last line reports
+
+
+def parse_models(text):
+    """The ``--models`` subset, in the canonical order; EVLGen and BLIP-2 s2 always included."""
+    if not text:
+        return set(MODEL_NAMES)
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = sorted(names - set(MODEL_NAMES))
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; known: {', '.join(MODEL_NAMES)}")
+    return names | set(REQUIRED)
+
+
+def build_models(cfg, device, half, connectors_only=False, only=None):
+    """{name: model} sharing one frozen encoder and one frozen LLM; ``only``: the names to build (all if None)."""
     from blip2_offline import (OfflineBlip2OPT, OfflineBlip2Qformer, QFormerConnector, bert_tokenizer,
                                build_evlgen, build_qformer, init_single_process_group, qformer_config,
                                with_connector)
@@ -158,32 +175,39 @@ def build_models(cfg, device, half, connectors_only=False):
     bert_tok = bert_tokenizer(minilm_dir())
     qcfg = qformer_config(width, cfg["queries"], vocab_size=30522, **cfg["connector"])
     tf_cfg = dict(bert=None, r=cfg["r"], config=dict(cfg["connector"]))
+    only = set(MODEL_NAMES) if only is None else set(only)
     models = {}
     if connectors_only:
-        return _connector_models(cfg, width, n_tokens, tf_cfg, qcfg, bert_tok, device)
+        built = _connector_models(cfg, width, n_tokens, tf_cfg, qcfg, bert_tok, device)
+        return {name: model for name, model in built.items() if name in only}
     llm, tok = build_llm(cfg, device, half)
     evl_kwargs = dict(image_size=cfg["image_size"], prompt="", max_txt_len=32, end_sym="\n",
                       vit_precision="fp16" if half else "fp32", llm_precision="fp16" if half else "fp32")
     torch.manual_seed(0)
     evlgen = build_evlgen(vision, llm, tok, tf_cfg, **evl_kwargs).to(device)
-    floor = copy.copy(evlgen)  # shares every module; only soft_prompts differs
-    floor.soft_prompts = types.MethodType(floor_soft_prompts, floor)
-    models["floor"] = floor
+    if "floor" in only:
+        floor = copy.copy(evlgen)  # shares every module; only soft_prompts differs
+        floor.soft_prompts = types.MethodType(floor_soft_prompts, floor)
+        models["floor"] = floor
     models["EVLGen"] = evlgen
-    models["EVLGen cached"] = evlgen  # same model; its batch carries precomputed features
+    if "EVLGen cached" in only:
+        models["EVLGen cached"] = evlgen  # same model; its batch carries precomputed features
     torch.manual_seed(0)
     qformer, queries = build_qformer(qcfg, vocab_size=len(bert_tok))
     models["BLIP-2 s2"] = OfflineBlip2OPT(vision, width, qformer, queries, llm, tok).to(device)
-    torch.manual_seed(0)
-    qformer2, queries2 = build_qformer(qcfg, vocab_size=len(bert_tok))
-    harness = build_evlgen(vision, llm, tok, tf_cfg, **evl_kwargs)
-    from blip2_offline import strip_for_stage2
+    if "BLIP-2 s2 (EVLGen harness)" in only:
+        torch.manual_seed(0)
+        qformer2, queries2 = build_qformer(qcfg, vocab_size=len(bert_tok))
+        harness = build_evlgen(vision, llm, tok, tf_cfg, **evl_kwargs)
+        from blip2_offline import strip_for_stage2
 
-    models["BLIP-2 s2 (EVLGen harness)"] = with_connector(
-        harness, QFormerConnector(strip_for_stage2(qformer2), queries2, width)).to(device)
-    torch.manual_seed(0)
-    qformer1, queries1 = build_qformer(qcfg, vocab_size=len(bert_tok))
-    models["BLIP-2 s1"] = OfflineBlip2Qformer(vision, width, qformer1, queries1, bert_tok, max_txt_len=32).to(device)
+        models["BLIP-2 s2 (EVLGen harness)"] = with_connector(
+            harness, QFormerConnector(strip_for_stage2(qformer2), queries2, width)).to(device)
+    if "BLIP-2 s1" in only:
+        torch.manual_seed(0)
+        qformer1, queries1 = build_qformer(qcfg, vocab_size=len(bert_tok))
+        models["BLIP-2 s1"] = OfflineBlip2Qformer(vision, width, qformer1, queries1, bert_tok,
+                                                  max_txt_len=32).to(device)
     return models
 
 
@@ -393,8 +417,8 @@ def generate_latency(models, runner, tokens, reps, clock="wall"):
     batch = {"image": runner.batch["image"]}
     fns = {}
     if "EVLGen" in models:
-        m = models["EVLGen"]
-        fns["EVLGen"] = lambda: m.generate(batch, num_beams=1, max_length=tokens, min_length=tokens)
+        evlgen = models["EVLGen"]
+        fns["EVLGen"] = lambda: evlgen.generate(batch, num_beams=1, max_length=tokens, min_length=tokens)
     if "BLIP-2 s2" in models:
         b = models["BLIP-2 s2"]
         fns["BLIP-2 s2"] = lambda: b.generate_embeds(batch, max_length=tokens, min_length=tokens)
@@ -408,8 +432,8 @@ def generate_latency(models, runner, tokens, reps, clock="wall"):
                 batch, num_beams=1, max_length=tokens, min_length=n_prompt + tokens)
         except Exception as err:  # noqa: BLE001 (report, do not fail the benchmark)
             print(f"LAVIS 1.0.2 Blip2OPT.generate unavailable here: {type(err).__name__}: {str(err)[:200]}")
-    for m in models.values():
-        m.eval()
+    for model in models.values():
+        model.eval()
     times = {k: [] for k in fns}
     with torch.no_grad(), runner.autocast():
         for fn in fns.values():
@@ -464,15 +488,22 @@ def main(argv=None):
                              "time (robust to other jobs on a shared CPU machine with --threads 1; CPU only)")
     parser.add_argument("--connectors-only", action="store_true",
                         help="measure the connectors alone (default for --scale paper on a CPU)")
+    parser.add_argument("--full-models", action="store_true",
+                        help="--scale paper on a CPU: run the whole models (fp32, ~20 GB with a --models subset)")
+    parser.add_argument("--models", default="",
+                        help=f"comma-separated subset of {', '.join(MODEL_NAMES)} (EVLGen and BLIP-2 s2 always run)")
     parser.add_argument("--out", default=None, help="write a markdown report here")
     args = parser.parse_args(argv)
+    only = parse_models(args.models)
     benchlib.quiet_warnings()
 
     cfg = SCALES[args.scale]
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     half = device.type == "cuda"
-    connectors_only = args.connectors_only or (args.scale == "paper" and device.type == "cpu")
+    if args.connectors_only and args.full_models:
+        raise SystemExit("--connectors-only and --full-models contradict each other: give one")
+    connectors_only = args.connectors_only or (args.scale == "paper" and device.type == "cpu" and not args.full_models)
     threads = benchlib.setup_threads(args.threads)
     clock = "wall" if device.type == "cuda" else args.clock
     batch_size = args.batch or (cfg.get("cpu_batch", cfg["batch"]) if device.type == "cpu" else cfg["batch"])
@@ -481,7 +512,7 @@ def main(argv=None):
 
     import evlgen_lavis  # noqa: F401  (registers; LAVIS import)
 
-    models = build_models(cfg, device, half, connectors_only)
+    models = build_models(cfg, device, half, connectors_only, only)
     build_s = time.time() - t_start
     torch.manual_seed(1)
     images = torch.randn(batch_size, 3, cfg["image_size"], cfg["image_size"], device=device)
@@ -541,7 +572,9 @@ def main(argv=None):
     summary = []
     if "floor" in step_s:
         summary.append(f"EVLGen step / floor step (target <= 1.15): {step_s['EVLGen'] / step_s['floor']:.3f}")
+    if "EVLGen cached" in step_s:
         summary.append(f"EVLGen cached-features step / EVLGen step: {step_s['EVLGen cached'] / step_s['EVLGen']:.3f}")
+    if "BLIP-2 s2 (EVLGen harness)" in step_s:
         summary.append(f"EVLGen / BLIP-2 s2 in the EVLGen harness (connector the only difference): "
                        f"{step_s['EVLGen'] / step_s['BLIP-2 s2 (EVLGen harness)']:.3f}")
     overhead = (merge_real - merge_free) / merge_real
@@ -551,7 +584,8 @@ def main(argv=None):
     if "EVLGen" in gen and "BLIP-2 s2" in gen:
         summary.append(f"greedy generate latency EVLGen / BLIP-2 s2, same LLM module (target <= 1): "
                        f"{gen['EVLGen'] / gen['BLIP-2 s2']:.3f}")
-    summary.append(f"step time BLIP-2 s1 / BLIP-2 s2: {step_s['BLIP-2 s1'] / step_s['BLIP-2 s2']:.3f}")
+    if "BLIP-2 s1" in step_s:
+        summary.append(f"step time BLIP-2 s1 / BLIP-2 s2: {step_s['BLIP-2 s1'] / step_s['BLIP-2 s2']:.3f}")
     what = "connectors only, " if connectors_only else ""
     last = (f"EVLGen / BLIP-2 stage-2 step-time ratio ({what}scale {args.scale}, {device.type}, {clock} time): {ratio_s2:.3f} "
             f"({step_s['EVLGen'] * 1e3:.0f} ms vs {step_s['BLIP-2 s2'] * 1e3:.0f} ms)")

@@ -64,6 +64,50 @@ def test_step_cost_connectors_only_path():
     assert "| floor |" not in out
 
 
+def test_step_cost_model_subset_and_flag_conflicts():
+    """--models keeps a subset (plus the two the ratio needs); contradictory flags are refused by name."""
+    out = _run([BENCH / "step_cost.py", "--scale", "tiny", "--models", "floor", "--steps", "1", "--warmup", "0",
+                "--gen-reps", "1"])
+    assert "| floor |" in out and "| EVLGen |" in out and "| BLIP-2 s2 |" in out
+    assert "| BLIP-2 s1 |" not in out and "| EVLGen cached |" not in out
+    assert "EVLGen step / floor step" in out and "ratio" in out.strip().splitlines()[-1]
+    bad = subprocess.run([sys.executable, BENCH / "step_cost.py", "--scale", "tiny", "--models", "floor,nope"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown ['nope']" in bad.stderr
+    bad = subprocess.run([sys.executable, BENCH / "step_cost.py", "--connectors-only", "--full-models"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "contradict" in bad.stderr
+
+
+def test_generate_latency_times_each_model_itself():
+    """Each timed generate call goes to the model it is labelled with (a loop variable once rebound the
+    EVLGen closure to the last model in the dict, so "EVLGen" timed another model's generate)."""
+    import contextlib
+    import types
+
+    step_cost = _module("step_cost")
+    calls = []
+
+    class Fake(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def generate(self, samples, **kwargs):
+            calls.append(self.name)
+            return ["x"]
+
+        generate_embeds = generate
+
+    models = {name: Fake(name) for name in ("floor", "EVLGen", "BLIP-2 s2", "BLIP-2 s1")}
+    runner = types.SimpleNamespace(batch={"image": torch.zeros(1, 3, 8, 8)}, device=torch.device("cpu"),
+                                   autocast=contextlib.nullcontext)
+    times = step_cost.generate_latency(models, runner, tokens=2, reps=2)
+    assert set(times) >= {"EVLGen", "BLIP-2 s2"}
+    assert calls.count("EVLGen") == 3 and calls.count("BLIP-2 s2") == 3  # warm-up + 2 timed each
+    assert "BLIP-2 s1" not in calls and "floor" not in calls
+
+
 def test_convergence_tiny_runs_end_to_end(tmp_path):
     report = tmp_path / "conv.md"
     out = _run([BENCH / "convergence.py", "--model", "tiny", "--budget", "1", "--evals", "1", "--eval-images", "8",
