@@ -22,6 +22,7 @@ encoder and LLM are *passed in*, so BLIP-2 and EVLGen run on the very same modul
 """
 import contextlib
 import os
+import re
 import tempfile
 from unittest import mock
 
@@ -67,12 +68,21 @@ def qformer_config(vision_width, num_query_token, cross_attention_freq=2, base=N
     return config
 
 
+QFORMER_NEW_KEYS = re.compile(r"crossattention|_query|^cls\.|(^|\.)position_ids$")
+
+
 def build_qformer(config, bert_path=None, vocab_size=None):
     """(Q-Former ``BertLMHeadModel``, query tokens (1, Q, H)) as in ``init_Qformer`` + ``Blip2Qformer.__init__``:
     weights from ``bert_path`` (a local BERT folder; cross-attention stays random) or random; token
     embeddings resized to ``vocab_size`` (the tokenizer with "[DEC]"); query FFN = copy of the text FFN."""
     if bert_path:
-        qformer = BertLMHeadModel.from_pretrained(bert_path, config=config)
+        qformer, info = BertLMHeadModel.from_pretrained(bert_path, config=config, output_loading_info=True)
+        # transformers initialises keys it could not load at random instead of failing: only the parts BLIP-2
+        # adds to BERT (cross-attention, the query FFN) and the MLM head a sentence encoder lacks may be missing.
+        unexpected = [k for k in info["missing_keys"] if not QFORMER_NEW_KEYS.search(k)]
+        if unexpected:
+            raise RuntimeError(f"{bert_path} did not provide these Q-Former weights (a prefix or shape mismatch?): "
+                               f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         # transformers >= 4.3x loads on the meta device and does not re-tie LAVIS's decoder bias (absent
         # from a sentence-encoder checkpoint): tie it again, as the class's __init__ does.
         head = qformer.cls.predictions
