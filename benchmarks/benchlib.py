@@ -170,9 +170,15 @@ def count_flops(fn):
 
 # -- tables -------------------------------------------------------------------------------------------
 
+def _cell(value):
+    text = str(value).replace("\r\n", "\n").replace("\r", "\n")
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "\\n")
+
+
 def table(headers, rows):
-    """A GitHub markdown table (list of lines)."""
-    cells = [[str(c) for c in row] for row in rows]
+    """A GitHub markdown table (list of lines). Body cells are escaped so that generated text holding "|",
+    a backslash or a line break stays in its cell and reads as written (a line break shows as \\n)."""
+    cells = [[_cell(c) for c in row] for row in rows]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return lines

@@ -271,7 +271,7 @@ def run_variant(variant, base, kind, train, test_eval, args, log):
         keep = sorted(random.Random(args.seed).sample(range(len(captions)), max(len(captions) // 10, args.batch)))
         feats, captions = feats[keep], [captions[i] for i in keep]
     width = base.visual_encoder.num_features
-    info = {"variant": variant, "label": LABELS[variant], "train_images": len(captions)}
+    info = {"variant": variant, "label": label(variant, args), "train_images": len(captions)}
 
     if variant in ("evlgen", "evlgen_10pct"):
         model = fresh_evlgen_connector(base, kind, args.seed, args.evlgen_r)
@@ -380,6 +380,16 @@ def meta_from_report(path):
     return meta
 
 
+def label(variant, args):
+    """The variant's name, with the overrides that change its model (``--evlgen-r``, ``--queries``)."""
+    text = LABELS[variant]
+    if variant.startswith("evlgen") and getattr(args, "evlgen_r", None) is not None:
+        text += f" (r={args.evlgen_r})"
+    if variant.startswith("blip2") and getattr(args, "queries", 32) != 32:
+        text += f" ({args.queries} queries)"
+    return text
+
+
 def reference(results):
     """The run the ratios divide by: EVLGen on the full data when it was run, else the first variant."""
     return next((r for r in results if r[0]["variant"] == "evlgen"), results[0])
@@ -425,8 +435,9 @@ def report(results, args, targets, meta, png_name, rerendered=None):
         f"- budget {args.budget:.0f} {clock_name(args.clock)} of training per variant (evaluation excluded; "
         f"{args.threads or torch.get_num_threads()} torch threads), "
         f"{args.evals} evaluations evenly spaced (+ one at the start); batch {args.batch}, AdamW lr {args.lr:g} "
-        + (f"(TomeFormer r={args.evlgen_r} per layer instead of the type's) " if args.evlgen_r is not None else "") +
-        f"(weight decay 0.05, {args.warmup}-step linear warm-up, then constant), grad-norm clip 1.0, seed {args.seed}",
+        f"(weight decay 0.05, {args.warmup}-step linear warm-up, then constant), grad-norm clip 1.0, seed {args.seed}"
+        + (f"; EVLGen's TomeFormer merges r={args.evlgen_r} tokens per layer instead of the type's schedule"
+           + (" (no merging)" if args.evlgen_r == 0 else "") if args.evlgen_r is not None else ""),
         f"- BLIP-2: LAVIS's Q-Former (`lavis.models.blip2_models.Qformer`), initialised from the same BERT as the "
         f"TomeFormer with the same config overrides (the demo's: no dropout), cross-attention every 2nd layer, "
         f"{args.queries} queries; stage 1 = LAVIS's "
@@ -451,8 +462,9 @@ def report(results, args, targets, meta, png_name, rerendered=None):
         "- all-MiniLM-L6-v2 is a sentence encoder without an MLM head, so the Q-Former's ITG head starts random "
         "(BLIP-2 starts it from bert-base's).",
         "- BLIP-2's stage 2 starts a fresh AdamW and repeats the warm-up, as a second training run does.",
-        "- EVLGen feeds 13 soft tokens to the LLM, the Q-Former 32, so the LLM's share of a step differs; s/step "
-        "includes it.",
+        "- the connectors feed the LLM different numbers of soft tokens ("
+        + ", ".join(f"{i['label']} {i['soft_tokens']}" for i, _ in results)
+        + "), so the LLM's share of a step differs; s/step includes it.",
         "",
         f"![curves]({png_name})",
         "",
@@ -465,7 +477,7 @@ def report(results, args, targets, meta, png_name, rerendered=None):
             point_rows.append([info["label"] + p["stage"], f"{p['t']:.0f}", f"{p['wall']:.0f} / {p['cpu']:.0f}", p["step"],
                                benchlib.fmt(p["loss"], 3) if p["loss"] is not None else "-",
                                f"{p['CIDEr']:.3f}", f"{p['acc']:.3f}", f"{p['colour_acc']:.3f}", f"{p['shape_acc']:.3f}",
-                               p["example"].replace("|", "/")])
+                               p["example"]])
     lines += benchlib.table(["variant", "t (s)", "wall / CPU s", "step", "train loss", "CIDEr", "acc", "colour acc", "shape acc",
                              "first caption"], point_rows)
     lines += ["", "</details>"]
@@ -557,6 +569,8 @@ def rerender(args):
     for key, value in (saved["meta"].get("args") or {}).items():  # the run's settings, not this command's
         if key not in ("target_acc", "target_cider", "out", "from_json"):
             setattr(args, key, value)
+    for info, _ in results:  # names follow the current labelling (a run saved before it named no overrides)
+        info["label"] = label(info["variant"], args)
     finish(results, args, saved["meta"], rerendered=benchlib.command_line())
     return 0
 

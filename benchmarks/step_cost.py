@@ -22,7 +22,7 @@ taken from the paper), visual tokens into the LLM, and greedy generation latency
 Scales: ``tiny`` (seconds; tests), ``small`` (CPU-sized; the paper's token counts 257 -> 29 and 32 queries,
 its 12-layer connectors, roughly its cost proportions at ~1/60 of its FLOPs), ``paper`` (EVA-ViT-g and
 OPT-2.7B shapes, bert-base-shaped connectors, random weights, no download; on a CPU only the connectors are
-measured unless ``--full-models`` is given: then the whole models run in fp32, which needs ~20 GB of memory with
+measured unless ``--full-models`` is given: then the whole models run in fp32, which needs ~18 GB of memory (peak RSS 18.4 GB) with
 ``--models floor,EVLGen,"BLIP-2 s2"``). ``--models`` keeps a subset (EVLGen and BLIP-2 s2 are always kept).
 The last line printed holds the EVLGen / BLIP-2 stage-2 step-time ratio.
 """
@@ -489,7 +489,7 @@ def main(argv=None):
     parser.add_argument("--connectors-only", action="store_true",
                         help="measure the connectors alone (default for --scale paper on a CPU)")
     parser.add_argument("--full-models", action="store_true",
-                        help="--scale paper on a CPU: run the whole models (fp32, ~20 GB with a --models subset)")
+                        help="--scale paper on a CPU: run the whole models (fp32, ~18 GB with --models floor at batch 2)")
     parser.add_argument("--models", default="",
                         help=f"comma-separated subset of {', '.join(MODEL_NAMES)} (EVLGen and BLIP-2 s2 always run)")
     parser.add_argument("--out", default=None, help="write a markdown report here")
@@ -541,6 +541,8 @@ def main(argv=None):
     wall_s = {n: benchlib.median([t[0] for t in v]) for n, v in times.items()}
     cpu_s = {n: benchlib.median([t[1] for t in v]) for n, v in times.items()}
     step_s = cpu_s if clock == "cpu" else wall_s
+    k = 1 if clock == "cpu" else 0
+    spread = {n: (min(t[k] for t in v), max(t[k] for t in v)) for n, v in times.items()}  # this clock's
     memory = {n: runner.peak_memory(n) for n in names}
     flops = {n: runner.connector_flops(n) for n in names}
     for m in models.values():
@@ -553,7 +555,9 @@ def main(argv=None):
         params = sum(p.numel() for p in trainable(models[n])) if n != "floor" else 0
         f_fwd, f_bwd = flops[n]
         rows.append([
-            n, benchlib.fmt(wall_s[n] * 1e3, 0), benchlib.fmt(cpu_s[n] * 1e3, 0), benchlib.fmt(batch_size / step_s[n], 1),
+            n, benchlib.fmt(wall_s[n] * 1e3, 0), benchlib.fmt(cpu_s[n] * 1e3, 0),
+            f"{benchlib.fmt(spread[n][0] * 1e3, 0)}-{benchlib.fmt(spread[n][1] * 1e3, 0)}",
+            benchlib.fmt(batch_size / step_s[n], 2 if batch_size / step_s[n] < 1 else 1),
             benchlib.fmt(memory[n] / 2**20 if memory[n] is not None else None, 0),
             benchlib.fmt(params), benchlib.fmt(f_fwd / 1e9, 3) + " / " + benchlib.fmt((f_fwd + f_bwd) / 1e9, 3),
             visual_tokens(n, models[n]),
@@ -561,9 +565,9 @@ def main(argv=None):
         ])
     for n in gen:
         if n not in names:
-            rows.append([n, "-", "-", "-", "-", "-", "-", runner.models["BLIP-2 s2"].query_tokens.shape[1],
+            rows.append([n, "-", "-", "-", "-", "-", "-", "-", runner.models["BLIP-2 s2"].query_tokens.shape[1],
                          benchlib.fmt(gen[n] * 1e3, 0)])
-    headers = ["model", "step wall ms", "step CPU ms", f"samples/s ({clock})", "peak step MB", "trainable params",
+    headers = ["model", "step wall ms", "step CPU ms", f"step {clock} ms min-max", f"samples/s ({clock})", "peak step MB", "trainable params",
                "connector GFLOPs/sample fwd / fwd+bwd", "visual tokens into LLM",
                f"greedy generate {clock} ms ({cfg['gen_tokens']} tokens)"]
     lines = benchlib.table(headers, rows)
@@ -577,6 +581,9 @@ def main(argv=None):
     if "BLIP-2 s2 (EVLGen harness)" in step_s:
         summary.append(f"EVLGen / BLIP-2 s2 in the EVLGen harness (connector the only difference): "
                        f"{step_s['EVLGen'] / step_s['BLIP-2 s2 (EVLGen harness)']:.3f}")
+    summary.append(f"spread of the {steps} timed steps, (max - min) / median {clock} time: "
+                   + ", ".join(f"{n} {(spread[n][1] - spread[n][0]) / step_s[n] * 100:.1f}%" for n in names)
+                   + " (ratios closer to 1 than this are within noise)")
     overhead = (merge_real - merge_free) / merge_real
     summary.append(f"merging overhead: {overhead * 100:.1f}% of the TomeFormer connector's fwd+bwd time "
                    f"({merge_real * 1e3:.1f} ms with merging, {merge_free * 1e3:.1f} ms with a free stand-in; "
@@ -608,13 +615,13 @@ def main(argv=None):
             f"# Step cost, scale `{args.scale}`" + (" (connectors only)" if connectors_only else ""),
             "",
             f"- command: `{benchlib.command_line()}`",
-            f"- machine: {benchlib.machine()}" + ("" if half else "; shared with other jobs, compare within a run"),
+            f"- machine: {benchlib.machine()}" + "; compare models within a run (other jobs on the machine, if any, slow all of them)",
             f"- date: {benchlib.now()}, code {benchlib.git_rev()}",
             f"- batch {batch_size}, {steps} timed steps per model (median; models alternate every round), "
             f"{args.warmup} warm-up, AdamW; {'fp16 autocast, frozen parts fp16' if half else 'fp32'}; "
             f"{threads} torch thread(s); ratios, samples/s and generation use {clock} time"
-            + (" (process CPU time: the machine was shared, and CPU time on one thread is what other jobs "
-               "disturb least)" if clock == "cpu" else ""),
+            + (" (process CPU time: what other jobs on a shared machine disturb least on one thread)"
+               if clock == "cpu" else ""),
             f"- frozen parts (random weights, shared by every model): "
             + ("none (connectors alone on random features)" if connectors_only else f"{vit_desc}, {llm_desc}"),
             f"- vision tokens {n_tokens} x {width}; TomeFormer and Q-Former both {c['num_hidden_layers']} layers, "

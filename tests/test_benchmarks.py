@@ -51,8 +51,10 @@ def test_step_cost_tiny_ends_with_the_ratio(tmp_path):
     for row in ("| floor |", "| EVLGen |", "| EVLGen cached |", "| BLIP-2 s2 |", "| BLIP-2 s1 |",
                 "| BLIP-2 s2 (EVLGen harness) |"):
         assert row in out
-    assert "merging overhead" in out and "generate latency" in out
+    assert "merging overhead" in out and "generate latency" in out and "spread of the 2 timed steps" in out
     text = report.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len({line.count(" | ") for line in table}) == 1, "every row has the header's columns"
     assert "- command: `python benchmarks/step_cost.py --scale tiny" in text and "- machine:" in text
 
 
@@ -106,6 +108,16 @@ def test_generate_latency_times_each_model_itself():
     assert set(times) >= {"EVLGen", "BLIP-2 s2"}
     assert calls.count("EVLGen") == 3 and calls.count("BLIP-2 s2") == 3  # warm-up + 2 timed each
     assert "BLIP-2 s1" not in calls and "floor" not in calls
+
+
+def test_table_keeps_generated_text_in_its_cell():
+    benchlib = _module("benchlib")
+    rows = [["a", "A.\n\nThe | end"], ["b", 3], ["c", "x\\|y"], ["d", "a\r\nb\rc"]]
+    lines = benchlib.table(["variant", "caption"], rows)
+    assert len(lines) == 2 + len(rows)
+    assert lines[2] == "| a | A.\\n\\nThe \\| end |" and lines[3] == "| b | 3 |"
+    assert lines[4] == "| c | x\\\\\\|y |"  # the backslash escaped, then the pipe: still one cell
+    assert lines[5] == "| d | a\\nb\\nc |"
 
 
 def test_convergence_tiny_runs_end_to_end(tmp_path):
