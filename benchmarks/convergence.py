@@ -425,7 +425,7 @@ def report(results, args, targets, meta, png_name, rerendered=None):
         f"- machine: {meta['machine']}; compare variants within one run (wall time is sensitive to other "
         "jobs on the machine)",
         f"- date: {meta['date']}, code {meta['code']}; whole run {meta['wall_s'] / 60:.1f} min",
-    ] + ([f"- this report was re-rendered from the run's saved curves (targets changed, nothing retrained): "
+    ] + ([f"- this report was re-rendered from the run's saved curves (nothing retrained; the report code or the targets may differ): "
           f"`{rerendered}`"] if rerendered else []) + [
         f"- data: easy-vqa captions ({results[0][0]['train_images']:,} training images; 1/10 = "
         f"{results[-1][0]['train_images'] if results[-1][0]['variant'] == 'evlgen_10pct' else 'n/a'}), "
