@@ -39,6 +39,7 @@ from torch import nn  # noqa: E402
 
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
+DEFAULT_QUERIES = 32  # BLIP-2's
 VARIANTS = ("evlgen", "blip2_lm", "blip2_2stage", "evlgen_10pct")
 LABELS = {"evlgen": "EVLGen", "blip2_lm": "BLIP-2 LM only", "blip2_2stage": "BLIP-2 2-stage",
           "evlgen_10pct": "EVLGen 10% data"}
@@ -385,7 +386,7 @@ def label(variant, args):
     text = LABELS[variant]
     if variant.startswith("evlgen") and getattr(args, "evlgen_r", None) is not None:
         text += f" (r={args.evlgen_r})"
-    if variant.startswith("blip2") and getattr(args, "queries", 32) != 32:
+    if variant.startswith("blip2") and getattr(args, "queries", DEFAULT_QUERIES) != DEFAULT_QUERIES:
         text += f" ({args.queries} queries)"
     return text
 
@@ -395,8 +396,35 @@ def reference(results):
     return next((r for r in results if r[0]["variant"] == "evlgen"), results[0])
 
 
+def caveats(results, args):
+    """The caveats that apply to the variants in this run."""
+    variants = {i["variant"] for i, _ in results}
+    lines = []
+    if "blip2_2stage" in variants:
+        lines += [
+            f"- easy-vqa has only {len(COLOURS) * len(SHAPES)} distinct captions, so a batch of {args.batch} holds "
+            "several copies of one caption. LAVIS 1.0.2's `Blip2Qformer.forward` (used unmodified) does not mask "
+            "same-caption pairs, so ITC gets contradictory targets and ITM's hard negatives are often true matches: "
+            "stage 1 is handicapped on this data in a way it would not be on web captions.",
+            "- all-MiniLM-L6-v2 is a sentence encoder without an MLM head, so the Q-Former's ITG head starts random "
+            "(BLIP-2 starts it from bert-base's).",
+            "- BLIP-2's stage 2 starts a fresh AdamW and repeats the warm-up, as a second training run does.",
+        ]
+    if len({i["soft_tokens"] for i, _ in results}) > 1:
+        lines.append("- the connectors feed the LLM different numbers of soft tokens ("
+                     + ", ".join(f"{i['label']} {i['soft_tokens']}" for i, _ in results)
+                     + "), so the LLM's share of a step differs; s/step includes it.")
+    slow = [i["label"] for i, c in results if c[-1]["cpu"] < 0.9 * max(c2[-1]["cpu"] for _, c2 in results)]
+    if args.clock == "wall" and slow:
+        lines.append(f"- {', '.join(slow)} got less than 90% of the busiest variant's CPU time in the same "
+                     "wall-clock budget (idle threads: other work on the machine or less parallel code), so fewer "
+                     "steps; compare per step too.")
+    return lines or ["- none beyond the seed and the test-set size."]
+
+
 def report(results, args, targets, meta, png_name, rerendered=None):
     ref_info, ref_curve = reference(results)
+    variants = {i["variant"] for i, _ in results}
     rows = []
     for info, curve in results:
         last = curve[-1]
@@ -427,8 +455,8 @@ def report(results, args, targets, meta, png_name, rerendered=None):
         f"- date: {meta['date']}, code {meta['code']}; whole run {meta['wall_s'] / 60:.1f} min",
     ] + ([f"- this report was re-rendered from the run's saved curves (nothing retrained; the report code or the targets may differ): "
           f"`{rerendered}`"] if rerendered else []) + [
-        f"- data: easy-vqa captions ({results[0][0]['train_images']:,} training images; 1/10 = "
-        f"{results[-1][0]['train_images'] if results[-1][0]['variant'] == 'evlgen_10pct' else 'n/a'}), "
+        f"- data: easy-vqa captions ({max(i['train_images'] for i, _ in results):,} training images"
+        + "".join(f"; 1/10 = {i['train_images']:,}" for i, _ in results if i["variant"] == "evlgen_10pct") + "), "
         f"frozen {args.model} encoder features cached; evaluation: greedy captions (max {args.max_len} tokens) "
         f"of the first {args.eval_images} test images, CIDEr and exact match (colour+shape accuracy) from "
         "`compute_caption_metrics`",
@@ -449,22 +477,15 @@ def report(results, args, targets, meta, png_name, rerendered=None):
     ] + benchlib.table(headers, rows) + [
         "",
         f"Time to a target is training time ({clock_name(args.clock)}), interpolated linearly between "
-        f"evaluations; the ratio divides by EVLGen's. For BLIP-2 2-stage it includes stage 1. Training wall-clock "
+        f"evaluations; the ratio divides by {ref_info['label']}'s"
+        + (". For BLIP-2 2-stage it includes stage 1" if "blip2_2stage" in variants else "") + ". Training wall-clock "
         f"and CPU time of each variant: "
         + "; ".join(f"{i['label']} {c[-1]['wall']:.0f} s wall / {c[-1]['cpu']:.0f} s CPU" for i, c in results) + ".",
         "",
-        "Read with these caveats (each variant is one seed; 150 test images, so accuracy moves in steps of 0.0067):",
+        f"Read with these caveats (each variant is one seed; {args.eval_images} test images, so accuracy moves in "
+        f"steps of {1 / args.eval_images:.4f}):",
         "",
-        f"- easy-vqa has only {len(COLOURS) * len(SHAPES)} distinct captions, so a batch of {args.batch} holds several "
-        "copies of one caption. LAVIS 1.0.2's `Blip2Qformer.forward` (used unmodified) does not mask same-caption "
-        "pairs, so ITC gets contradictory targets and ITM's hard negatives are often true matches: stage 1 is "
-        "handicapped on this data in a way it would not be on web captions.",
-        "- all-MiniLM-L6-v2 is a sentence encoder without an MLM head, so the Q-Former's ITG head starts random "
-        "(BLIP-2 starts it from bert-base's).",
-        "- BLIP-2's stage 2 starts a fresh AdamW and repeats the warm-up, as a second training run does.",
-        "- the connectors feed the LLM different numbers of soft tokens ("
-        + ", ".join(f"{i['label']} {i['soft_tokens']}" for i, _ in results)
-        + "), so the LLM's share of a step differs; s/step includes it.",
+    ] + caveats(results, args) + [
         "",
         f"![curves]({png_name})",
         "",
@@ -501,7 +522,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-4, help="the demo's (and the paper's) peak lr")
     parser.add_argument("--warmup", type=int, default=100,
                         help="linear warm-up steps (30 diverged for some seeds; see benchmarks/NOTES.md)")
-    parser.add_argument("--queries", type=int, default=32, help="BLIP-2's learned queries")
+    parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES, help="BLIP-2's learned queries")
     parser.add_argument("--evlgen-r", type=int, default=None,
                         help="TomeFormer tokens merged per layer (default: the model type's; 0: no merging)")
     parser.add_argument("--stage1-frac", type=float, default=0.5)

@@ -581,9 +581,14 @@ def main(argv=None):
     if "BLIP-2 s2 (EVLGen harness)" in step_s:
         summary.append(f"EVLGen / BLIP-2 s2 in the EVLGen harness (connector the only difference): "
                        f"{step_s['EVLGen'] / step_s['BLIP-2 s2 (EVLGen harness)']:.3f}")
-    summary.append(f"spread of the {steps} timed steps, (max - min) / median {clock} time: "
-                   + ", ".join(f"{n} {(spread[n][1] - spread[n][0]) / step_s[n] * 100:.1f}%" for n in names)
-                   + " (ratios closer to 1 than this are within noise)")
+    if steps >= 3:
+        pairs = [(a, b) for a, b in (("EVLGen", "BLIP-2 s2"), ("EVLGen", "floor")) if b in spread]
+        summary.append(f"spread of the {steps} timed steps, (max - min) / median {clock} time: "
+                       + ", ".join(f"{n} {(spread[n][1] - spread[n][0]) / step_s[n] * 100:.1f}%" for n in names)
+                       + "; min-max ranges " + ", ".join(
+                           f"{a} / {b} " + ("overlap (a tie at this noise)" if spread[a][0] <= spread[b][1]
+                                            and spread[b][0] <= spread[a][1] else "disjoint")
+                           for a, b in pairs))
     overhead = (merge_real - merge_free) / merge_real
     summary.append(f"merging overhead: {overhead * 100:.1f}% of the TomeFormer connector's fwd+bwd time "
                    f"({merge_real * 1e3:.1f} ms with merging, {merge_free * 1e3:.1f} ms with a free stand-in; "
