@@ -22,8 +22,8 @@ taken from the paper), visual tokens into the LLM, and greedy generation latency
 Scales: ``tiny`` (seconds; tests), ``small`` (CPU-sized; the paper's token counts 257 -> 29 and 32 queries,
 its 12-layer connectors, roughly its cost proportions at ~1/60 of its FLOPs), ``paper`` (EVA-ViT-g and
 OPT-2.7B shapes, bert-base-shaped connectors, random weights, no download; on a CPU only the connectors are
-measured unless ``--full-models`` is given: then the whole models run in fp32, which needs ~18 GB of memory (peak RSS 18.4 GB) with
-``--models floor,EVLGen,"BLIP-2 s2"``). ``--models`` keeps a subset (EVLGen and BLIP-2 s2 are always kept).
+measured unless ``--full-models`` is given: then the whole models run in fp32, which needs ~18 GB of memory
+(peak RSS 18.4 GB with ``--models floor`` at batch 2). ``--models`` keeps a subset (EVLGen and BLIP-2 s2 are always kept).
 The last line printed holds the EVLGen / BLIP-2 stage-2 step-time ratio.
 """
 import argparse
@@ -567,7 +567,8 @@ def main(argv=None):
         if n not in names:
             rows.append([n, "-", "-", "-", "-", "-", "-", "-", runner.models["BLIP-2 s2"].query_tokens.shape[1],
                          benchlib.fmt(gen[n] * 1e3, 0)])
-    headers = ["model", "step wall ms", "step CPU ms", f"step {clock} ms min-max", f"samples/s ({clock})", "peak step MB", "trainable params",
+    headers = ["model", "step wall ms", "step CPU ms", f"step {clock} ms min-max", f"samples/s ({clock})",
+               "peak step MB", "trainable params",
                "connector GFLOPs/sample fwd / fwd+bwd", "visual tokens into LLM",
                f"greedy generate {clock} ms ({cfg['gen_tokens']} tokens)"]
     lines = benchlib.table(headers, rows)
@@ -620,7 +621,8 @@ def main(argv=None):
             f"# Step cost, scale `{args.scale}`" + (" (connectors only)" if connectors_only else ""),
             "",
             f"- command: `{benchlib.command_line()}`",
-            f"- machine: {benchlib.machine()}" + "; compare models within a run (other jobs on the machine, if any, slow all of them)",
+            f"- machine: {benchlib.machine()}; compare models within a run (other jobs on the machine, if any, "
+            "slow all of them)",
             f"- date: {benchlib.now()}, code {benchlib.git_rev()}",
             f"- batch {batch_size}, {steps} timed steps per model (median; models alternate every round), "
             f"{args.warmup} warm-up, AdamW; {'fp16 autocast, frozen parts fp16' if half else 'fp32'}; "
