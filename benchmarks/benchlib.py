@@ -78,6 +78,11 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def ranges_overlap(a, b):
+    """Whether two (min, max) ranges of timings share a point: then neither model is faster at that noise."""
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
 # -- memory -------------------------------------------------------------------------------------------
 
 class _MallInfo2(ctypes.Structure):

@@ -384,9 +384,9 @@ def meta_from_report(path):
 def label(variant, args):
     """The variant's name, with the overrides that change its model (``--evlgen-r``, ``--queries``)."""
     text = LABELS[variant]
-    if variant.startswith("evlgen") and getattr(args, "evlgen_r", None) is not None:
+    if variant.startswith("evlgen") and args.evlgen_r is not None:
         text += f" (r={args.evlgen_r})"
-    if variant.startswith("blip2") and getattr(args, "queries", DEFAULT_QUERIES) != DEFAULT_QUERIES:
+    if variant.startswith("blip2") and args.queries != DEFAULT_QUERIES:
         text += f" ({args.queries} queries)"
     return text
 
@@ -414,7 +414,8 @@ def caveats(results, args):
         lines.append("- the connectors feed the LLM different numbers of soft tokens ("
                      + ", ".join(f"{i['label']} {i['soft_tokens']}" for i, _ in results)
                      + "), so the LLM's share of a step differs; s/step includes it.")
-    slow = [i["label"] for i, c in results if c[-1]["cpu"] < 0.9 * max(c2[-1]["cpu"] for _, c2 in results)]
+    busiest = max(c[-1]["cpu"] for _, c in results)
+    slow = [i["label"] for i, c in results if c[-1]["cpu"] < 0.9 * busiest]
     if args.clock == "wall" and slow:
         lines.append(f"- {', '.join(slow)} got less than 90% of the busiest variant's CPU time in the same "
                      "wall-clock budget (idle threads: other work on the machine or less parallel code), so fewer "
@@ -439,7 +440,7 @@ def report(results, args, targets, meta, png_name, rerendered=None):
                 if t is None:
                     row.append(f"not reached (> {args.budget:.0f} s)")
                 else:
-                    ratio = f" = {t / ref:.2f}x" if ref else ""  # no ratio: EVLGen never got there, or started there
+                    ratio = f" = {t / ref:.2f}x" if ref else ""  # no ratio: the reference never got there, or started there
                     row.append(f"{t:.0f} s{ratio}")
         rows.append(row)
     headers = ["variant", "train images", "trainable params", "soft tokens", "LM steps", "s/step (LM)",

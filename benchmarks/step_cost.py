@@ -587,8 +587,8 @@ def main(argv=None):
         summary.append(f"spread of the {steps} timed steps, (max - min) / median {clock} time: "
                        + ", ".join(f"{n} {(spread[n][1] - spread[n][0]) / step_s[n] * 100:.1f}%" for n in names)
                        + "; min-max ranges " + ", ".join(
-                           f"{a} / {b} " + ("overlap (a tie at this noise)" if spread[a][0] <= spread[b][1]
-                                            and spread[b][0] <= spread[a][1] else "disjoint")
+                           f"{a} / {b} " + ("overlap (a tie at this noise)"
+                                            if benchlib.ranges_overlap(spread[a], spread[b]) else "disjoint")
                            for a, b in pairs))
     overhead = (merge_real - merge_free) / merge_real
     summary.append(f"merging overhead: {overhead * 100:.1f}% of the TomeFormer connector's fwd+bwd time "

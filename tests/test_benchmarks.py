@@ -121,6 +121,36 @@ def test_table_keeps_generated_text_in_its_cell():
     assert lines[5] == "| d | a\\nb\\nc |"
 
 
+def test_ranges_overlap():
+    benchlib = _module("benchlib")
+    assert benchlib.ranges_overlap((1.0, 2.0), (1.5, 3.0)) and benchlib.ranges_overlap((1.0, 3.0), (1.5, 2.0))
+    assert benchlib.ranges_overlap((1.0, 2.0), (2.0, 3.0))  # touching: a tie
+    assert not benchlib.ranges_overlap((2.075, 2.255), (2.478, 3.002))
+    assert not benchlib.ranges_overlap((3.0, 4.0), (1.0, 2.0))
+
+
+def test_convergence_caveats_follow_the_variants_run():
+    import types
+
+    conv = _module("convergence")
+    args = types.SimpleNamespace(batch=16, clock="wall", evlgen_r=None, queries=32)
+
+    def run(variant, tokens, cpu):
+        return {"variant": variant, "label": conv.label(variant, args), "soft_tokens": tokens}, [{"cpu": cpu}]
+
+    only_evlgen = conv.caveats([run("evlgen", 13, 1000.0), run("evlgen_10pct", 13, 990.0)], args)
+    assert only_evlgen == ["- none beyond the seed and the test-set size."]
+    mixed = "\n".join(conv.caveats([run("evlgen", 13, 1000.0), run("blip2_2stage", 32, 800.0)], args))
+    assert "Blip2Qformer.forward" in mixed and "fresh AdamW" in mixed
+    assert "EVLGen 13, BLIP-2 2-stage 32" in mixed
+    assert "BLIP-2 2-stage got less than 90%" in mixed
+    args.clock = "cpu"  # a CPU-time budget: every variant gets the same CPU, no warning
+    assert "less than 90%" not in "\n".join(conv.caveats([run("evlgen", 13, 1000.0), run("blip2_lm", 32, 800.0)],
+                                                         args))
+    args.evlgen_r, args.queries = 0, 13
+    assert conv.label("evlgen", args) == "EVLGen (r=0)" and conv.label("blip2_lm", args) == "BLIP-2 LM only (13 queries)"
+
+
 def test_convergence_tiny_runs_end_to_end(tmp_path):
     report = tmp_path / "conv.md"
     out = _run([BENCH / "convergence.py", "--model", "tiny", "--budget", "1", "--evals", "1", "--eval-images", "8",
